@@ -1,0 +1,24 @@
+"""Shared fixtures: the tiny model set is built once per test session into a cached folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_CACHE = Path(os.environ.get("IPADAPTER_TINY_CACHE", REPO / ".cache" / "tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir() -> Path:
+    """A ComfyUI-layout models folder holding the tiny models (built once, reused across runs)."""
+    from ipadapter_nodes.runtime import tiny
+
+    tiny.ensure_tiny_models(TINY_CACHE)
+    return TINY_CACHE
