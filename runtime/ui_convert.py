@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .validate import InputSpec, input_specs, types_match
+from .node_specs import InputSpec, input_specs, types_match
 
 MODE_MUTED = 2
 MODE_BYPASS = 4
