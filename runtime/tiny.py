@@ -39,3 +39,323 @@ TINY_CLIP_VISION = {
     "vit-bigG": dict(hidden_size=64, projection_dim=40, num_hidden_layers=3, num_attention_heads=4,
                      intermediate_size=128, image_size=224, patch_size=14),
 }
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .ldm_convert import write_ldm_checkpoint
+
+# Bump when anything below changes what is written; a models folder with another stamp is rebuilt.
+TINY_VERSION = "1"
+STAMP_NAME = ".tiny-models-version"
+
+# The tiny VAE is not part of the shared contract: only its downscale factor (8) and 4 latent channels are.
+TINY_VAE = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
+TINY_TEXT = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=77)
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# The noise schedules SD1.5 and SDXL were trained with (diffusers scheduler configs of the official repos).
+SD15_SCHEDULER = dict(
+    _class_name="PNDMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+    beta_schedule="scaled_linear", trained_betas=None, skip_prk_steps=True, set_alpha_to_one=False,
+    prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, clip_sample=False,
+)
+SDXL_SCHEDULER = dict(
+    _class_name="EulerDiscreteScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+    beta_schedule="scaled_linear", trained_betas=None, interpolation_type="linear", prediction_type="epsilon",
+    sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+    timestep_spacing="leading", use_karras_sigmas=False, clip_sample=False,
+)
+
+# Fixed seeds, one per model, so each model's weights do not depend on what else is built.
+SEEDS = dict(sd15_unet=1501, sd15_vae=1502, sd15_text=1503, sdxl_unet=2101, sdxl_vae=2102, sdxl_text=2103,
+             sdxl_text_2=2104, vit_h=3101, vit_bigG=3102)
+
+# name -> path relative to the models folder (what ensure_tiny_models returns)
+TINY_PATHS = {
+    "tiny-sd15": "checkpoints/tiny-sd15",
+    "tiny-sdxl": "checkpoints/tiny-sdxl",
+    "tiny-sd15.safetensors": "checkpoints/tiny-sd15.safetensors",
+    "tiny-sdxl.safetensors": "checkpoints/tiny-sdxl.safetensors",
+    "tiny-vit-h": "clip_vision/tiny-vit-h",
+    "tiny-vit-bigG": "clip_vision/tiny-vit-bigG",
+    "tiny-vit-h.safetensors": "clip_vision/tiny-vit-h.safetensors",
+    "tiny-vit-bigG.safetensors": "clip_vision/tiny-vit-bigG.safetensors",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer: a byte-level CLIP BPE vocabulary made here (no download)
+# ---------------------------------------------------------------------------------------------------------
+
+# A few merges of common English letter pairs, so that ordinary words take fewer tokens.
+_MERGES = ["t h", "h e</w>", "i n", "e r", "a n", "r e", "o n", "a t", "e n", "o u", "e s</w>", "t o</w>",
+           "s t", "i t</w>", "in g</w>", "th e</w>", "a r", "o r", "a l", "o f</w>"]
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable characters byte-level BPE uses for the 256 byte values (GPT-2/CLIP order)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    codes = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def tiny_vocab() -> tuple[dict[str, int], list[str]]:
+    """(vocab, merges) of the tiny tokenizer: bytes, bytes + '</w>', merged pairs, then the two specials."""
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in _MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(set(tokens)) == len(tokens), "tiny tokenizer: duplicate vocabulary entries"
+    return {tok: i for i, tok in enumerate(tokens)}, list(_MERGES)
+
+
+TINY_VOCAB_SIZE = len(tiny_vocab()[0])
+
+
+def make_tokenizer(pad_token: str = "<|endoftext|>"):
+    """The tiny CLIPTokenizer (SD1.5 and SDXL's first tokenizer pad with '<|endoftext|>', SDXL's second with '!')."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tiny_vocab()
+    pairs = [tuple(m.split(" ")) for m in merges]
+    return CLIPTokenizer(vocab=vocab, merges=pairs, pad_token=pad_token, model_max_length=77)
+
+
+def _write_vocab_files(folder: Path) -> None:
+    # The classic vocab.json + merges.txt beside tokenizer.json, so any CLIP tokenizer implementation reads it.
+    vocab, merges = tiny_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model builders
+# ---------------------------------------------------------------------------------------------------------
+
+def _text_config(hidden: int, projection_dim: int | None = None, act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig
+
+    vocab, _ = tiny_vocab()
+    return CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden, hidden_act=act, projection_dim=projection_dim or hidden,
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"], **TINY_TEXT,
+    )
+
+
+def _vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    n = len(TINY_VAE["block_out_channels"])
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, scaling_factor=scaling_factor, sample_size=64, **TINY_VAE,
+    )
+
+
+def build_sd15_unet():
+    """UNet2DConditionModel with SD1.5's block topology (16 attn2 layers) and the TINY_SD15 widths."""
+    from diffusers import UNet2DConditionModel
+
+    t = TINY_SD15
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        block_out_channels=t["block_out_channels"], layers_per_block=t["layers_per_block"],
+        cross_attention_dim=t["cross_attention_dim"], attention_head_dim=t["attention_head_dim"],
+        norm_num_groups=t["norm_num_groups"],
+    )
+
+
+def build_sdxl_unet():
+    """UNet2DConditionModel with SDXL's block topology (depths 0/2/10, 70 attn2 layers), TINY_SDXL widths."""
+    from diffusers import UNet2DConditionModel
+
+    t = TINY_SDXL
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        block_out_channels=t["block_out_channels"], layers_per_block=t["layers_per_block"],
+        transformer_layers_per_block=t["transformer_layers_per_block"],
+        cross_attention_dim=t["cross_attention_dim"], attention_head_dim=t["attention_head_dim"],
+        norm_num_groups=t["norm_num_groups"], use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=t["addition_time_embed_dim"],
+        projection_class_embeddings_input_dim=t["pooled_dim"] + 6 * t["addition_time_embed_dim"],
+    )
+
+
+def _seeded(seed: int, make: Callable):
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+def _scheduler(config: dict):
+    import diffusers
+
+    cfg = {k: v for k, v in config.items() if k != "_class_name"}
+    return getattr(diffusers, config["_class_name"]).from_config(cfg)
+
+
+def _write_sd15(folder: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    pipe = StableDiffusionPipeline(
+        unet=_seeded(SEEDS["sd15_unet"], build_sd15_unet),
+        vae=_seeded(SEEDS["sd15_vae"], lambda: _vae(0.18215)),
+        text_encoder=_seeded(SEEDS["sd15_text"], lambda: CLIPTextModel(_text_config(TINY_SD15["text_hidden"]))),
+        tokenizer=make_tokenizer("<|endoftext|>"),
+        scheduler=_scheduler(SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    _write_vocab_files(folder / "tokenizer")
+
+
+def _write_sdxl(folder: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    t = TINY_SDXL
+    h1, h2 = t["text_hidden"]
+    pipe = StableDiffusionXLPipeline(
+        unet=_seeded(SEEDS["sdxl_unet"], build_sdxl_unet),
+        vae=_seeded(SEEDS["sdxl_vae"], lambda: _vae(0.13025)),
+        text_encoder=_seeded(SEEDS["sdxl_text"], lambda: CLIPTextModel(_text_config(h1))),
+        text_encoder_2=_seeded(SEEDS["sdxl_text_2"], lambda: CLIPTextModelWithProjection(
+            _text_config(h2, projection_dim=t["pooled_dim"], act="gelu"))),
+        tokenizer=make_tokenizer("<|endoftext|>"),
+        tokenizer_2=make_tokenizer("!"),
+        scheduler=_scheduler(SDXL_SCHEDULER),
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        _write_vocab_files(folder / name)
+
+
+def build_clip_vision(name: str):
+    """CLIPVisionModelWithProjection with the TINY_CLIP_VISION widths of ``name`` ("vit-h" or "vit-bigG")."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    act = "gelu"  # OpenCLIP ViT-H/bigG use GELU
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_act=act, **TINY_CLIP_VISION[name]))
+
+
+def _preprocessor_config(image_size: int) -> dict:
+    # CLIPImageProcessor settings of the real ViT-H/bigG encoders: shortest side → 224 (bicubic), centre crop.
+    return {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD, "do_convert_rgb": True,
+    }
+
+
+def _write_clip_vision(folder: Path, single_file: Path, name: str, seed: int) -> None:
+    from safetensors.torch import save_file
+
+    model = _seeded(seed, lambda: build_clip_vision(name))
+    model.save_pretrained(str(folder), safe_serialization=True)
+    size = TINY_CLIP_VISION[name]["image_size"]
+    (folder / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(size), indent=2) + "\n")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(single_file), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model set on disk
+# ---------------------------------------------------------------------------------------------------------
+
+def _stamp_text() -> str:
+    return json.dumps({"version": TINY_VERSION, "paths": TINY_PATHS}, sort_keys=True)
+
+
+def _is_current(models_dir: Path) -> bool:
+    stamp = models_dir / STAMP_NAME
+    if not stamp.is_file() or stamp.read_text() != _stamp_text():
+        return False
+    return all((models_dir / rel).exists() for rel in TINY_PATHS.values())
+
+
+@contextlib.contextmanager
+def _build_lock(models_dir: Path) -> Iterator[None]:
+    """Serialise builds of one models folder between processes (tests may run in parallel)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; the stamp check still avoids most rebuilds
+        yield
+        return
+    with open(models_dir / ".tiny-models.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_all(root: Path) -> None:
+    """Write every tiny model under ``root`` (a fresh, empty folder)."""
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "clip_vision").mkdir(parents=True)
+    _write_sd15(root / TINY_PATHS["tiny-sd15"])
+    _write_sdxl(root / TINY_PATHS["tiny-sdxl"])
+    write_ldm_checkpoint(root / TINY_PATHS["tiny-sd15"], root / TINY_PATHS["tiny-sd15.safetensors"])
+    write_ldm_checkpoint(root / TINY_PATHS["tiny-sdxl"], root / TINY_PATHS["tiny-sdxl.safetensors"])
+    _write_clip_vision(root / TINY_PATHS["tiny-vit-h"], root / TINY_PATHS["tiny-vit-h.safetensors"],
+                       "vit-h", SEEDS["vit_h"])
+    _write_clip_vision(root / TINY_PATHS["tiny-vit-bigG"], root / TINY_PATHS["tiny-vit-bigG.safetensors"],
+                       "vit-bigG", SEEDS["vit_bigG"])
+
+
+def ensure_tiny_models(models_dir: str | os.PathLike) -> dict[str, Path]:
+    """Build the tiny model set into ``models_dir`` (ComfyUI layout) unless it is already there.
+
+    Everything is written into a temporary folder inside ``models_dir`` first and moved into place only
+    when complete; the version stamp is written last, so an interrupted build is redone on the next call.
+    Returns name -> absolute path (keys of :data:`TINY_PATHS`).
+    """
+    models_dir = Path(models_dir).resolve()
+    models_dir.mkdir(parents=True, exist_ok=True)
+    result = {name: models_dir / rel for name, rel in TINY_PATHS.items()}
+    if _is_current(models_dir):
+        return result
+    with _build_lock(models_dir):
+        if _is_current(models_dir):  # another process finished the build while we waited
+            return result
+        (models_dir / STAMP_NAME).unlink(missing_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=models_dir))
+        try:
+            _build_all(staging)
+            for rel in TINY_PATHS.values():
+                target = models_dir / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+                os.replace(staging / rel, target)
+            (models_dir / STAMP_NAME).write_text(_stamp_text())
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return result
