@@ -280,7 +280,10 @@ def _write_clip_vision(folder: Path, single_file: Path, name: str, seed: int) ->
     size = TINY_CLIP_VISION[name]["image_size"]
     (folder / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(size), indent=2) + "\n")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(single_file), metadata={"format": "pt"})
+    # Heads and activation cannot be read from shapes: say them in the metadata, as a careful exporter would.
+    spec = TINY_CLIP_VISION[name]
+    save_file(state, str(single_file), metadata={"format": "pt", "num_attention_heads": str(spec["num_attention_heads"]),
+                                                 "hidden_act": "gelu"})
 
 
 # ---------------------------------------------------------------------------------------------------------
