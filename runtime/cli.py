@@ -1,0 +1,342 @@
+"""The ``ipadapter`` command: run, validate and inspect ComfyUI workflows without ComfyUI.
+
+Exit codes: 0 done; 2 invalid workflow or bad input (messages only); 1 a node failed while running;
+130 interrupted.  Results go to stdout, errors to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad input to a command (missing file, unreadable workflow, bad --set): exit 2 with the message."""
+
+
+# --- arguments ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``ipadapter`` command (one sub-command per action)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="print tracebacks of failures")
+
+    folders = argparse.ArgumentParser(add_help=False)
+    folders.add_argument("--models-dir", help="ComfyUI-layout models folder (default ./models)")
+    folders.add_argument("--input-dir", help="folder LoadImage reads from (default ./input)")
+    folders.add_argument("--output-dir", help="folder SaveImage writes to (default ./output)")
+    folders.add_argument("--extra-model-paths", metavar="YAML",
+                         help="a ComfyUI extra_model_paths.yaml (default: one next to the models folder or in .)")
+
+    workflow = argparse.ArgumentParser(add_help=False)
+    workflow.add_argument("workflow", help="workflow file: API or UI format JSON, or a PNG saved by ComfyUI")
+    workflow.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
+                          help="change an input before running (repeatable), e.g. --set 3.seed=42")
+
+    parser = argparse.ArgumentParser(prog="ipadapter", description="Run ComfyUI IP-Adapter workflows headless.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("run", parents=[common, folders, workflow], help="validate and run a workflow")
+    sub.add_parser("validate", parents=[common, folders, workflow], help="check a workflow, run nothing")
+    nodes = sub.add_parser("nodes", parents=[common, folders], help="list every node class with its inputs")
+    nodes.add_argument("--json", action="store_true", help="print /object_info-like JSON")
+    demo = sub.add_parser("demo", parents=[common], help="build tiny models and run the shipped demo workflow")
+    demo.add_argument("--models-dir", help="where the tiny models go (default $IPADAPTER_TINY_CACHE or "
+                                           "~/.cache/ipadapter_nodes/tiny-models)")
+    demo.add_argument("--output-dir", help="where the image is written (default ./output)")
+    models = sub.add_parser("models", parents=[common], help="describe each file in the ipadapter folder")
+    models.add_argument("--models-dir", help="ComfyUI-layout models folder (default ./models)")
+    models.add_argument("--extra-model-paths", metavar="YAML", help="a ComfyUI extra_model_paths.yaml")
+    convert = sub.add_parser("convert", parents=[common, folders], help="print the API form of a UI workflow")
+    convert.add_argument("workflow", help="UI-format workflow JSON (or a PNG saved by ComfyUI)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ipadapter`` command; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage/help
+        return EXIT_OK if exc.code in (0, None) else EXIT_INVALID
+    command = {"run": _cmd_run, "validate": _cmd_validate, "nodes": _cmd_nodes, "demo": _cmd_demo,
+               "models": _cmd_models, "convert": _cmd_convert}[args.command]
+    try:
+        return command(args)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # stdout was closed early (e.g. `ipadapter nodes | head`): stop quietly; point stdout at devnull
+        # so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+# --- commands -----------------------------------------------------------------------------------------
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .executor import ExecutionInterrupted, Executor, NodeExecutionError, PromptError
+
+    _configure(args)
+    node_classes = _node_classes()
+    loaded, prompt = _load(args, node_classes)
+    prompt, outputs = _validated(prompt, node_classes, loaded.ui_titles, strict=True)
+    if prompt is None:
+        return EXIT_INVALID
+    extra_pnginfo = loaded.extra_pnginfo or None
+    executor = Executor(node_classes)
+    try:
+        result = executor.execute(prompt, extra_pnginfo=extra_pnginfo, outputs=outputs, ui_titles=loaded.ui_titles)
+    except (KeyboardInterrupt, ExecutionInterrupted):
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except PromptError as exc:
+        _error(f"invalid workflow: {exc}")
+        return EXIT_INVALID
+    except NodeExecutionError as exc:
+        if args.debug:
+            traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
+        _error(f"{exc}" + ("" if args.debug else "  (run with --debug for the traceback)"))
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - a runner bug still gets a message, not a bare traceback
+        if args.debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        _error(f"execution failed: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    written = written_files(result.ui)
+    for path in written:
+        print(path)
+    summary = f"done: {len(result.executed)} node(s) executed, {len(result.cached)} cached"
+    print(summary if written else summary + "; no files written", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    _configure(args)
+    node_classes = _node_classes()
+    loaded, prompt = _load(args, node_classes)
+    prompt, outputs = _validated(prompt, node_classes, loaded.ui_titles, strict=True)
+    if prompt is None:
+        return EXIT_INVALID
+    print(f"valid: {len(prompt)} node(s), output node(s) {', '.join(map(str, outputs or [])) or 'none'}")
+    return EXIT_OK
+
+
+def _cmd_nodes(args: argparse.Namespace) -> int:
+    from .registry import display_names
+
+    _configure(args)
+    classes = _node_classes()
+    names = display_names()
+    info = {class_type: object_info(class_type, cls, names.get(class_type)) for class_type, cls in sorted(classes.items())}
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return EXIT_OK
+    for class_type, entry in info.items():
+        print(format_node(entry))
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    models_dir = Path(args.models_dir).expanduser() if args.models_dir else demo.default_cache_dir()
+    # The reference image lives beside the tiny models, so the demo leaves nothing in the current folder
+    # except its output image.
+    input_dir = models_dir.resolve().parent / "demo-input"
+    print(f"preparing tiny models in {models_dir} ...", file=sys.stderr)
+    demo.prepare_demo(models_dir, input_dir)
+    run_args = argparse.Namespace(
+        workflow=str(demo.DEMO_WORKFLOW), overrides=[], models_dir=str(models_dir), input_dir=str(input_dir),
+        output_dir=args.output_dir, extra_model_paths=None, debug=args.debug,
+    )
+    return _cmd_run(run_args)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from ..core import folders
+
+    _configure(args)
+    try:
+        from ..core.checkpoint import describe
+    except ImportError as exc:
+        _error(f"checkpoint inspection is not available in this installation: {exc}")
+        return EXIT_FAILED
+    names = folders.filter_extensions(folders.get_filename_list("ipadapter"), folders.MODEL_EXTENSIONS)
+    if not names:
+        where = ", ".join(folders.get_folder_paths("ipadapter"))
+        print(f"no IP-Adapter files in {where}")
+        return EXIT_OK
+    for name in names:
+        path = folders.get_full_path("ipadapter", name)
+        try:
+            text = describe(path)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not hide the others
+            text = f"unrecognized: {exc}"
+        print(f"{name}: {text}")
+    return EXIT_OK
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    _configure(args)
+    args.overrides = []
+    _loaded, prompt = _load(args, _node_classes())
+    print(json.dumps(prompt, indent=2))
+    return EXIT_OK
+
+
+# --- shared steps ----------------------------------------------------------------------------------
+def _configure(args: argparse.Namespace) -> None:
+    from .models import ExtraModelPathsError, configure_folders
+
+    try:
+        configure_folders(
+            models_dir=getattr(args, "models_dir", None),
+            input_dir=getattr(args, "input_dir", None),
+            output_dir=getattr(args, "output_dir", None),
+            extra_model_paths=getattr(args, "extra_model_paths", None),
+        )
+    except ExtraModelPathsError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _node_classes() -> dict[str, type]:
+    from .registry import node_classes
+
+    return node_classes()
+
+
+def _load(args: argparse.Namespace, node_classes: dict[str, type]) -> tuple[Any, dict[str, Any]]:
+    """Read the workflow and apply --set; bad input becomes a :class:`UsageError`."""
+    from .registry import display_names
+    from .workflow import WorkflowFormatError, apply_overrides, load_workflow
+
+    try:
+        loaded = load_workflow(Path(args.workflow), node_classes, display_names())
+        prompt = apply_overrides(loaded.prompt, list(args.overrides)) if args.overrides else loaded.prompt
+    except (WorkflowFormatError, ValueError, OSError) as exc:
+        # Workflow errors already name the file.
+        raise UsageError(str(exc) if isinstance(exc, WorkflowFormatError) else f"{args.workflow}: {exc}") from exc
+    _check_override_names(prompt, args.overrides, node_classes)
+    return loaded, prompt
+
+
+def _check_override_names(prompt: dict[str, Any], overrides: Sequence[str], node_classes: dict[str, type]) -> None:
+    """Refuse ``--set`` of an input the node's class does not have (a typo would otherwise be ignored)."""
+    for item in overrides:
+        node_id, _, name = item.partition("=")[0].strip().partition(".")
+        cls = node_classes.get(prompt.get(node_id, {}).get("class_type"))
+        if cls is None:
+            continue  # unknown classes are reported by validation
+        spec = cls.INPUT_TYPES()
+        known = [*(spec.get("required") or {}), *(spec.get("optional") or {})]
+        if name not in known:
+            raise UsageError(
+                f"--set {item!r}: node {node_id} ({prompt[node_id]['class_type']}) has no input '{name}'; "
+                f"its inputs are: {', '.join(known) or '(none)'}"
+            )
+
+
+def _validated(prompt: dict[str, Any], node_classes: dict[str, type], ui_titles: dict[str, Any] | None,
+               strict: bool = False):
+    """(prompt to run, output ids), or (None, None) after printing every validation error.
+
+    Like ComfyUI, a workflow where some outputs are valid runs those (the others' errors are printed);
+    ``strict`` (``validate``) treats any error as invalid.
+    """
+    from .validate import format_errors, validate_prompt
+
+    result = validate_prompt(prompt, node_classes, ui_titles=ui_titles)
+    if not result.ok:
+        _error(format_errors(result, ui_titles=ui_titles))
+        return None, None
+    if strict and result.node_errors:
+        valid = ", ".join(result.outputs)
+        _error(f"Workflow has errors (only output(s) {valid} could run):")
+        _error(format_errors(dataclasses.replace(result, ok=False), ui_titles=ui_titles))
+        return None, None
+    if result.node_errors:
+        _error(format_errors(result, ui_titles=ui_titles))
+    coerced = result.coerced
+    if isinstance(coerced, dict) and coerced and all(isinstance(n, dict) and "class_type" in n for n in coerced.values()):
+        prompt = coerced
+    return prompt, list(result.outputs) if result.outputs else None
+
+
+def written_files(ui: dict[str, dict[str, Any]]) -> list[str]:
+    """Paths of the files the output nodes reported (``{"images": [{"filename", "subfolder", "type"}]}``)."""
+    from ..core import folders
+
+    provider = folders.provider()
+    roots = {"output": provider.get_output_directory(), "temp": provider.get_temp_directory(),
+             "input": provider.get_input_directory()}
+    paths = []
+    for node_ui in ui.values():
+        for items in (node_ui or {}).values():
+            for item in items if isinstance(items, list) else []:
+                if isinstance(item, dict) and "filename" in item:
+                    root = roots.get(item.get("type", "output"), roots["output"])
+                    paths.append(os.path.join(root, item.get("subfolder") or "", item["filename"]))
+    return paths
+
+
+# --- node listing -----------------------------------------------------------------------------------
+def object_info(class_type: str, cls: type, display_name: str | None = None) -> dict[str, Any]:
+    """One class described the way ComfyUI's ``/object_info`` does."""
+    spec = cls.INPUT_TYPES()
+    returns = list(getattr(cls, "RETURN_TYPES", ()) or ())
+    return {
+        "input": {k: dict(spec[k]) for k in ("required", "optional", "hidden") if spec.get(k)},
+        "input_order": {k: list(spec[k]) for k in ("required", "optional", "hidden") if spec.get(k)},
+        "output": returns,
+        "output_is_list": list(getattr(cls, "OUTPUT_IS_LIST", None) or [False] * len(returns)),
+        "output_name": list(getattr(cls, "RETURN_NAMES", None) or returns),
+        "name": class_type,
+        "display_name": display_name or class_type,
+        "description": getattr(cls, "DESCRIPTION", "") or "",
+        "python_module": cls.__module__,
+        "category": getattr(cls, "CATEGORY", "sd"),
+        "output_node": bool(getattr(cls, "OUTPUT_NODE", False)),
+    }
+
+
+def format_node(info: dict[str, Any]) -> str:
+    """Human-readable block for one class: inputs (type, default, range or options) and outputs."""
+    title = info["name"] if info["display_name"] == info["name"] else f"{info['name']} ({info['display_name']})"
+    lines = [f"{title}  [{info['category']}]" + ("  output node" if info["output_node"] else "")]
+    for section in ("required", "optional"):
+        for name, entry in info["input"].get(section, {}).items():
+            marker = "" if section == "required" else " (optional)"
+            lines.append(f"    {name}{marker}: {_describe_input(entry)}")
+    for name, kind in zip(info["output_name"], info["output"]):
+        lines.append(f"  -> {name}: {kind}")
+    return "\n".join(lines)
+
+
+def _describe_input(entry: Any) -> str:
+    kind = entry[0] if isinstance(entry, (tuple, list)) and entry else entry
+    options = entry[1] if isinstance(entry, (tuple, list)) and len(entry) > 1 and isinstance(entry[1], dict) else {}
+    choices = kind if isinstance(kind, (list, tuple)) else options.get("options") if kind == "COMBO" else None
+    if choices is not None:
+        shown = ", ".join(map(str, list(choices)[:8])) + (", ..." if len(choices) > 8 else "")
+        text = f"one of [{shown}] ({len(choices)} option{'s' if len(choices) != 1 else ''})"
+    else:
+        text = str(kind)
+    details = [f"{key}={options[key]!r}" for key in ("default", "min", "max", "step") if key in options]
+    return text + (f"  {' '.join(details)}" if details else "")
+
+
+def _error(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
