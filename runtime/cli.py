@@ -165,11 +165,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from ..core import folders
 
     _configure(args)
-    try:
-        from ..core.checkpoint import describe
-    except ImportError as exc:
-        _error(f"checkpoint inspection is not available in this installation: {exc}")
-        return EXIT_FAILED
+    from ..core.adapter import describe_file
     names = folders.filter_extensions(folders.get_filename_list("ipadapter"), folders.MODEL_EXTENSIONS)
     if not names:
         where = ", ".join(folders.get_folder_paths("ipadapter"))
@@ -178,7 +174,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for name in names:
         path = folders.get_full_path("ipadapter", name)
         try:
-            text = describe(path)
+            text = describe_file(path)
         except Exception as exc:  # noqa: BLE001 - one bad file must not hide the others
             text = f"unrecognized: {exc}"
         print(f"{name}: {text}")

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -246,24 +244,19 @@ def test_convert_prints_the_api_form_of_a_ui_workflow(tmp_path, capsys):
     assert prompt["2"]["inputs"] == {"value": ["1", 0], "prefix": "seven"}
 
 
-def test_models_describes_each_adapter_file(tmp_path, capsys, monkeypatch):
+def test_models_describes_each_adapter_file(tmp_path, capsys):
+    from ipadapter_nodes.runtime.tiny_adapters import make_adapter
+
     adapters = tmp_path / "models" / "ipadapter"
     adapters.mkdir(parents=True)
-    (adapters / "good.safetensors").write_bytes(b"x")
+    make_adapter("sd15-plus", adapters / "renamed.safetensors")
     (adapters / "bad.bin").write_bytes(b"y")
     (adapters / "notes.txt").write_text("not a model")
-
-    def describe(path: str) -> str:
-        if path.endswith(".bin"):
-            raise ValueError("no IP-Adapter keys")
-        return f"SD1.5 base ({os.path.getsize(path)} byte)"
-
-    fake = types.ModuleType("ipadapter_nodes.core.checkpoint")
-    fake.describe = describe
-    monkeypatch.setitem(sys.modules, "ipadapter_nodes.core.checkpoint", fake)
     assert cli.main(["models", "--models-dir", str(tmp_path / "models")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == ["bad.bin: unrecognized: no IP-Adapter keys", "good.safetensors: SD1.5 base (1 byte)"]
+    assert len(out) == 2
+    assert out[0].startswith("bad.bin: unrecognized: ") and "bad.bin" in out[0]
+    assert out[1].startswith("renamed.safetensors: SD1.5 Plus (also Plus-Face), 16 tokens")
 
 
 # --- extra_model_paths.yaml ---------------------------------------------------------------------------
