@@ -22,3 +22,11 @@ def tiny_models_dir() -> Path:
 
     tiny.ensure_tiny_models(TINY_CACHE)
     return TINY_CACHE
+
+
+@pytest.fixture(scope="session")
+def tiny_faces_dir(tiny_models_dir) -> Path:
+    """The tiny InsightFace packs (buffalo_l, antelopev2) inside the tiny models folder."""
+    from tiny_faces import ensure_tiny_faces
+
+    return ensure_tiny_faces(tiny_models_dir)
