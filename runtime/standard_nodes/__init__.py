@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES: tuple[str, ...] = ("checkpoint", "text", "latent", "image", "clip_vision", "masks")
+_MODULES: tuple[str, ...] = ("checkpoint", "text", "latent", "image", "clip_vision", "sampler", "masks")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
