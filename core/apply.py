@@ -1,23 +1,26 @@
 """From apply-node inputs to a new MODEL: the one place that turns widget values into an Application.
 
 Every apply node calls :func:`apply_ipadapter`; it checks the inputs, encodes the reference images for the
-adapter, combines several images as asked, builds the backend-free ``Application`` and hands it to the
-backend that owns the MODEL's type (the diffusers handle headless, ComfyUI's ModelPatcher inside ComfyUI).
+adapter (or takes EMBEDS), maps the weight type to per-layer weights (``core.weighting``), builds the
+backend-free ``Application`` and hands it to the backend that owns the MODEL's type (the diffusers handle
+headless, ComfyUI's ModelPatcher inside ComfyUI).
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from . import masks, weighting
+from .application import Application
+from .embeds import COMBINE_MODES, Embeds, combine_embeds, encode_for_adapter
+from .weighting import LayerWeights
+
 # Option lists of the existing pack, in widget order (the first entry is the default).
-WEIGHT_TYPES: tuple[str, ...] = (
-    "linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input", "weak output",
-    "weak middle", "strong middle", "style transfer", "composition", "strong style transfer",
-    "style and composition", "style transfer precise", "composition precise",
-)
-COMBINE_EMBEDS: tuple[str, ...] = ("concat", "add", "subtract", "average", "norm average")
+WEIGHT_TYPES: tuple[str, ...] = weighting.WEIGHT_TYPES
+# The apply nodes' combine_embeds combo (IPAdapterCombineEmbeds also offers max and min: embeds.COMBINE_MODES).
+COMBINE_EMBEDS: tuple[str, ...] = COMBINE_MODES[:5]
 EMBEDS_SCALING: tuple[str, ...] = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
 # The simple node's three choices → the weight types they stand for.
 SIMPLE_WEIGHT_TYPES: dict[str, str] = {
@@ -114,82 +117,138 @@ def _check_option(value: str, options: tuple[str, ...], name: str, node: str) ->
         raise ValueError(f"{node}: {name} '{value}' is not known; expected one of: {', '.join(options)}")
 
 
-def apply_ipadapter(model: Any, adapter: Any, clip_vision: Any, image: torch.Tensor, weight: float = 1.0,
-                    weight_type: str = "linear", combine_embeds: str = "concat", start_at: float = 0.0,
-                    end_at: float = 1.0, embeds_scaling: str = "V only", image_negative: torch.Tensor | None = None,
-                    attn_mask: torch.Tensor | None = None, node: str = "IPAdapterAdvanced") -> Any:
-    """A new MODEL with ``adapter`` applied to ``model`` for the reference ``image`` (IMAGE [B,H,W,C]).
+@contextlib.contextmanager
+def _named(node: str) -> Iterator[None]:
+    """Prefix the node's name to a ValueError/TypeError raised inside that does not name it yet."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        if str(error).startswith(f"{node}:"):
+            raise
+        raise type(error)(f"{node}: {error}") from error
 
-    Several reference images are combined with ``combine_embeds`` on the encoder features, before the
-    projection (``concat`` keeps every image's tokens). The input MODEL is not changed.
+
+def apply_ipadapter(model: Any, adapter: Any, clip_vision: Any = None, image: torch.Tensor | None = None, *,
+                    weight: float | Sequence[float] = 1.0, weight_type: str = "linear",
+                    combine_embeds: str = "concat", start_at: float = 0.0, end_at: float = 1.0,
+                    embeds_scaling: str = "V only", image_negative: torch.Tensor | None = None,
+                    attn_mask: torch.Tensor | None = None, node: str = "IPAdapterAdvanced",
+                    embeds: Embeds | None = None, layer_weights: LayerWeights | Sequence[float] | None = None,
+                    boost: float | None = None, unfold_batch: bool = False, encode_batch_size: int = 0,
+                    faceid_v2_weight: float | None = None) -> Any:
+    """A new MODEL with ``adapter`` applied to ``model``; the input MODEL is not changed.
+
+    The references are either ``image`` (IMAGE [B,H,W,C], encoded with ``clip_vision``, the nodes' uncond
+    convention, ``image_negative`` as the uncond when given, several images combined by ``combine_embeds``)
+    or ``embeds`` (a :class:`core.embeds.Embeds`, used as is) — exactly one of the two.
+
+    ``weight`` is a number, or (with ``unfold_batch``) one number per latent/frame; without ``unfold_batch``
+    a list uses its first value, as the existing pack does.  ``weight_type`` (and ``boost``, the precise
+    types' style/composition boost) map through :func:`core.weighting.layer_weights`, per frame; a
+    ``layer_weights`` override (a :class:`core.weighting.LayerWeights` that already includes the weight, or
+    one cond weight per layer) replaces that map, and a per-frame weight list then multiplies it.
+    ``attn_mask`` (MASK [H,W] or [N,H,W], any size) confines this adapter's output (``ipadapter_plus``
+    resizing).  ``unfold_batch``: reference i drives latent i (combine_embeds is then not applied).
+    ``encode_batch_size`` > 0 encodes the images in chunks of that many.  ``faceid_v2_weight``: FaceID-Plus
+    v2 shortcut scale (None = v1).  Every error names ``node``.
     """
-    _check_option(weight_type, WEIGHT_TYPES, "weight_type", node)
-    _check_option(combine_embeds, COMBINE_EMBEDS, "combine_embeds", node)
+    _check_option(weight_type, weighting.WEIGHT_TYPES + weighting.INTERNAL_WEIGHT_TYPES, "weight_type", node)
+    _check_option(combine_embeds, COMBINE_MODES, "combine_embeds", node)
     _check_option(embeds_scaling, EMBEDS_SCALING, "embeds_scaling", node)
     if not 0.0 <= start_at <= end_at <= 1.0:
         raise ValueError(f"{node}: need 0 <= start_at <= end_at <= 1; got start_at={start_at}, end_at={end_at}")
-    if weight_type != "linear":
-        raise NotImplementedError(f"{node}: weight_type '{weight_type}' is not supported yet; use 'linear' "
-                                  f"(per-layer weight types arrive with their own issue)")
-    if attn_mask is not None:
-        raise NotImplementedError(f"{node}: attn_mask is not supported yet; disconnect the mask input "
-                                  f"(attention masks arrive with their own issue)")
-    check_family(adapter, model_family(model), node)
-    application = build_application(adapter, clip_vision, image, weight, combine_embeds, start_at, end_at,
-                                    embeds_scaling, image_negative, node)
-    return attach_application(model, application)
+    if (image is None) == (embeds is None):
+        raise ValueError(f"{node}: give the reference either as 'image' (encoded here) or as 'embeds' (already "
+                         f"encoded), not {'both' if image is not None else 'neither'}")
+    family = model_family(model)
+    check_family(adapter, family, node)
+    with _named(node):
+        frames = _frame_weights(weight, unfold_batch, node)
+        per_layer = _weight_fields(weight_type, frames, family, boost, layer_weights)
+        if attn_mask is not None:
+            attn_mask = masks.as_mask_batch(attn_mask, "attn_mask")
+        if embeds is None:
+            embeds = encode_images(adapter, clip_vision, image, image_negative,
+                                   "concat" if unfold_batch else combine_embeds, encode_batch_size, node=node)
+        elif not isinstance(embeds, Embeds):
+            raise TypeError(f"'embeds' must be EMBEDS (core.embeds.Embeds), got {type(embeds).__name__}")
+        application = Application(
+            adapter=adapter, embeds=embeds, weight=frames[0], start_at=float(start_at), end_at=float(end_at),
+            embeds_scaling=embeds_scaling, attn_mask=attn_mask, unfold_batch=bool(unfold_batch),
+            faceid_v2_weight=None if faceid_v2_weight is None else float(faceid_v2_weight),
+            mask_method="ipadapter_plus", **per_layer)
+        return attach_application(model, application)
 
 
-def build_application(adapter: Any, clip_vision: Any, image: torch.Tensor, weight: float, combine_embeds: str,
-                      start_at: float, end_at: float, embeds_scaling: str,
-                      image_negative: torch.Tensor | None, node: str = "IPAdapterAdvanced") -> Any:
-    """Encode, combine and package one adapter use as a backend-free Application.
+def _frame_weights(weight: Any, unfold_batch: bool, node: str) -> list[float]:
+    """The weight as a list: one entry, or (with unfold_batch) one per latent/frame."""
+    if isinstance(weight, torch.Tensor):
+        weight = weight.reshape(-1).tolist()
+    if not isinstance(weight, (list, tuple)):
+        return [float(weight)]
+    if len(weight) == 0:
+        raise ValueError(f"{node}: the weight list is empty; give a number or one weight per frame")
+    values = [float(w) for w in weight]
+    return values if unfold_batch else values[:1]  # the pack uses the first weight when not unfolding
 
-    The uncond side without ``image_negative`` follows the existing node pack (``uncond="nodes"``).
+
+def _weight_fields(weight_type: str, frames: list[float], family: str, boost: float | None,
+                   override: LayerWeights | Sequence[float] | None) -> dict:
+    """Application fields for the per-layer (and per-frame) weights."""
+    if override is not None:
+        if not isinstance(override, LayerWeights):
+            override = LayerWeights(tuple(override))
+        if len(frames) == 1:
+            return dict(layer_weights=override.cond, uncond_layer_weights=override.uncond)
+        tables = [LayerWeights(tuple(w * f for w in override.cond),
+                               None if override.uncond is None else tuple(w * f for w in override.uncond))
+                  for f in frames]
+    elif weight_type == "linear" and boost is None and len(frames) == 1:
+        return {}  # ``weight`` on every layer
+    else:
+        tables = [weighting.layer_weights(weight_type, f, family, boost=boost) for f in frames]
+    if len(tables) == 1:
+        return dict(layer_weights=tables[0].cond, uncond_layer_weights=tables[0].uncond)
+    swapped = any(t.uncond is not None for t in tables)
+    return dict(frame_layer_weights=tuple(t.cond for t in tables),
+                frame_uncond_layer_weights=tuple(t.uncond or (0.0,) * len(t.cond) for t in tables) if swapped else None)
+
+
+def encode_images(adapter: Any, clip_vision: Any, image: torch.Tensor, image_negative: torch.Tensor | None = None,
+                  combine_embeds: str = "concat", encode_batch_size: int = 0, node: str = "IPAdapterEncoder"
+                  ) -> Embeds:
+    """Encode reference images for ``adapter`` with the nodes' uncond convention (what IPAdapterEncoder does).
+
+    ``image_negative`` (IMAGE) gives the uncond side, else a black image's features (zeros for
+    ``image_embeds``).  ``encode_batch_size`` > 0 encodes in chunks of that many images (less memory).
+    Several images are then combined by ``combine_embeds`` (``concat`` keeps them all).  FaceID-type
+    adapters take face embeddings, not images: they raise an error pointing at IPAdapterFaceID.
     """
-    from .application import Application
-    from .embeds import encode_for_adapter
-
+    _check_option(combine_embeds, COMBINE_MODES, "combine_embeds", node)
     spec = adapter.spec
     if str(getattr(spec, "feature", "")).startswith("face"):
-        raise NotImplementedError(
+        raise ValueError(
             f"{node}: '{getattr(adapter, 'path', 'the adapter')}' is a FaceID-type adapter ({spec.kind}); it needs "
-            f"face embeddings from insightface, which the IPAdapterFaceID node (coming) provides")
-    if image is None or image.dim() != 4 or image.shape[0] == 0:
+            f"face embeddings from InsightFace: use the IPAdapterFaceID node (or give this node EMBEDS from "
+            f"IPAdapterFaceIDEncoder)")
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[0] == 0:
         raise ValueError(f"{node}: 'image' must be an IMAGE batch [B,H,W,C]; got "
-                         f"{None if image is None else tuple(image.shape)}")
-    embeds = encode_for_adapter(clip_vision, spec, image, image_negative, uncond="nodes")
-    embeds = combine(embeds, combine_embeds)
-    return Application(adapter=adapter, embeds=embeds, weight=float(weight), start_at=float(start_at),
-                       end_at=float(end_at), embeds_scaling=embeds_scaling)
+                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+    if int(encode_batch_size) < 0:
+        raise ValueError(f"{node}: encode_batch_size must be 0 (all at once) or positive, got {encode_batch_size}")
+    count = image.shape[0]
+    size = int(encode_batch_size) or count
+    parts = []
+    with _named(node):
+        for start in range(0, count, size):
+            negative = image_negative
+            if negative is not None and negative.shape[0] == count and size < count:
+                negative = negative[start:start + size]  # one negative per image: keep them paired
+            parts.append(encode_for_adapter(clip_vision, spec, image[start:start + size], negative, uncond="nodes"))
+        return combine(parts, combine_embeds)
 
 
-def _reduce(rows: torch.Tensor, mode: str) -> torch.Tensor:
-    """Several images' features [N,...] reduced to one [1,...] (the existing pack's formulas)."""
-    if mode == "add":
-        return rows.sum(0, keepdim=True)
-    if mode == "subtract":
-        return (rows[0] - rows[1:].mean(0)).unsqueeze(0)
-    if mode == "average":
-        return rows.mean(0, keepdim=True)
-    if mode == "norm average":
-        # the norm is taken across the image axis per element, not per feature vector (as the pack does)
-        return (rows / rows.norm(dim=0, keepdim=True)).mean(0, keepdim=True)
-    raise ValueError(f"combine_embeds '{mode}' is not known; expected one of: {', '.join(COMBINE_EMBEDS)}")
-
-
-def combine(embeds: Any, mode: str) -> Any:
-    """Embeds of several reference images combined before the projection.
-
-    ``concat`` keeps every image (their tokens are concatenated); the other modes reduce the cond
-    features to one image and keep the first image's uncond, as the existing pack does.
-    """
-    if mode == "concat" or embeds.count < 2:
-        return embeds
-    changes = {"cond": _reduce(embeds.cond, mode), "uncond": embeds.uncond[:1]}
-    if embeds.clip_cond is not None:
-        changes.update(clip_cond=_reduce(embeds.clip_cond, mode), clip_uncond=embeds.clip_uncond[:1])
-    return dataclasses.replace(embeds, **changes)
+combine = combine_embeds  # the name earlier callers used
 
 
 def attach_application(model: Any, application: Any) -> Any:

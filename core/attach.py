@@ -6,6 +6,9 @@
     handle = attach(pipe, "models/ipadapter/ip-adapter_sd15.safetensors",
                     image_encoder="models/clip_vision/CLIP-ViT-H-14")   # a folder or a single file
     handle.set_image(image, weight=0.8)                                  # PIL, numpy, IMAGE tensor, or a list
+    handle.set_image(image, weight_type="style transfer precise")        # the node pack's weight types, or
+    handle.set_image(image, weight_type={"up": {"block_0": [0.0, 1.0, 0.0]}})  # InstantStyle block scales
+    handle.set_image([face1, face2], weight=[0.7, 0.7], masks=masks)     # = diffusers' ip_adapter_masks
     images = pipe("a photo", num_inference_steps=30).images             # uses the adapter
     handle.detach()                                                      # the pipeline is as before
 
@@ -21,14 +24,14 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .application import Application
 from .backends.diffusers import UNetPatch, check_fits, cross_attention_layers
-from .embeds import UNCOND_MODES, Embeds, encode_for_adapter
+from .embeds import UNCOND_MODES, Embeds, combine_embeds, encode_for_adapter
 
 
 class _UNetHook:
@@ -120,17 +123,31 @@ def _image_batches(images: Any) -> list[torch.Tensor]:
     return batches
 
 
-def _merge(parts: Sequence[Embeds]) -> Embeds:
-    """Embeds of several encodings (reference images of different sizes) as one, rows in order."""
-    if len(parts) == 1:
-        return parts[0]
-
-    def rows(name: str) -> torch.Tensor | None:
-        if getattr(parts[0], name) is None:
-            return None
-        return torch.cat([getattr(part, name) for part in parts], dim=0)
-
-    return Embeds(rows("cond"), rows("uncond"), parts[0].feature, rows("clip_cond"), rows("clip_uncond"))
+def _mask_stack(masks: Any) -> torch.Tensor:
+    """Per-image masks as float32 ``[N, H, W]``: a tensor ``[N,H,W]``/``[1,N,H,W]``/``[N,1,H,W]``/``[H,W]``, or a
+    list of PIL images (as grayscale), arrays or tensors (0..1; uint8 arrays are divided by 255)."""
+    if isinstance(masks, torch.Tensor):
+        stack = masks.float()
+        if stack.ndim == 4 and stack.shape[1] == 1:
+            stack = stack[:, 0]        # IPAdapterMaskProcessor.preprocess output [N, 1, H, W]
+        elif stack.ndim == 4 and stack.shape[0] == 1:
+            stack = stack[0]           # diffusers' per-adapter layout [1, N, H, W]
+        return stack.unsqueeze(0) if stack.ndim == 2 else stack
+    items = list(masks) if isinstance(masks, (list, tuple)) else [masks]
+    planes = []
+    for item in items:
+        if hasattr(item, "convert") and hasattr(item, "size"):  # PIL
+            item = np.asarray(item.convert("L"))
+        if isinstance(item, np.ndarray):
+            item = torch.from_numpy(item.astype(np.float32) / 255.0 if item.dtype == np.uint8 else
+                                    item.astype(np.float32))
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"set_image: masks must be tensors, numpy arrays or PIL images, got {type(item).__name__}")
+        planes.append(_mask_stack(item))
+    if any(p.shape[1:] != planes[0].shape[1:] for p in planes):
+        raise ValueError(f"set_image: the masks have different sizes {[list(p.shape[1:]) for p in planes]}; give "
+                         "them all the output's size (core.masks.prepare_masks or IPAdapterMaskProcessor)")
+    return torch.cat(planes, dim=0)
 
 
 class AdapterHandle:
@@ -147,42 +164,73 @@ class AdapterHandle:
     def attached(self) -> bool:
         return self._hook is not None
 
-    def set_image(self, image_or_list: Any, weight: float = 1.0, weight_type: str = "linear",
-                  start_at: float = 0.0, end_at: float = 1.0, embeds_scaling: str = "V only", *,
-                  image_negative: Any = None, face_embeds: torch.Tensor | None = None,
-                  faceid_v2_weight: float | None = None, unfold_batch: bool = False) -> "AdapterHandle":
+    def set_image(self, image_or_list: Any, weight: float | Sequence[float] = 1.0,
+                  weight_type: str | Mapping[str, Any] = "linear", start_at: float = 0.0, end_at: float = 1.0,
+                  embeds_scaling: str = "V only", *, image_negative: Any = None,
+                  face_embeds: torch.Tensor | None = None, faceid_v2_weight: float | None = None,
+                  unfold_batch: bool = False, masks: Any = None, boost: float | None = None) -> "AdapterHandle":
         """Use these reference image(s) from the next pipeline call on.
 
         Several images concatenate their tokens (every generated image sees all of them; with
         ``unfold_batch`` image i drives latent i).  ``weight_type`` is one of the node pack's weight types
-        (``core.weighting.WEIGHT_TYPES``) except the two "precise" ones (not supported here yet).  FaceID-type
-        adapters take ``face_embeds`` [N,512] (and, for FaceID-Plus, the face crops as the images;
+        (``core.weighting.WEIGHT_TYPES``, the "precise" ones included, ``boost`` being their style /
+        composition boost), or an InstantStyle block-scales dict as diffusers' ``set_ip_adapter_scale`` takes
+        it (``{"up": {"block_0": [0.0, 1.0, 0.0]}}``), multiplied by ``weight``.
+
+        ``masks`` (one per reference image: a MASK tensor ``[N,H,W]``, diffusers' ``[1,N,H,W]`` or
+        ``IPAdapterMaskProcessor`` output ``[N,1,H,W]``, or a list of PIL images / arrays, values 0..1) is
+        diffusers' ``cross_attention_kwargs={"ip_adapter_masks": ...}``: each image attends on its own and only
+        inside its mask.  Binarize and size them to the output as diffusers' ``IPAdapterMaskProcessor`` does
+        (``core.masks.prepare_masks``).  ``weight`` may then be a list with one scale per image, as
+        ``set_ip_adapter_scale([[0.7, 0.7]])``; with ``unfold_batch`` a list gives one weight per latent.
+
+        FaceID-type adapters take ``face_embeds`` [N,512] (and, for FaceID-Plus, the face crops as the images;
         ``faceid_v2_weight`` switches on the v2 shortcut).  Returns the handle.
         """
         if self._hook is None:
             raise RuntimeError("this IP-Adapter handle was detached; call attach() again")
-        per_layer = self._layer_weights(weight_type, float(weight))
         embeds = self._encode(image_or_list, image_negative, face_embeds)
+        image_masks = None if masks is None else _mask_stack(masks)
+        weights = [float(w) for w in weight] if isinstance(weight, (list, tuple)) else [float(weight)]
+        if not weights:
+            raise ValueError("set_image: the weight list is empty")
+        image_weights = None
+        if image_masks is not None and len(weights) > 1:
+            image_weights, weights = tuple(weights), [1.0]  # one scale per masked image
+        elif len(weights) > 1 and not unfold_batch and len(set(weights)) > 1:
+            raise ValueError(f"set_image: {len(weights)} different weights need either masks (one scale per "
+                             "masked image) or unfold_batch=True (one weight per latent)")
+        fields = self._weight_fields(weight_type, weights if unfold_batch else weights[:1], boost)
         self.application = Application(
-            adapter=self.adapter, embeds=embeds, weight=float(weight), layer_weights=per_layer,
-            start_at=float(start_at),
+            adapter=self.adapter, embeds=embeds, weight=weights[0], start_at=float(start_at),
             end_at=float(end_at), embeds_scaling=embeds_scaling, unfold_batch=unfold_batch,
-            faceid_v2_weight=faceid_v2_weight,
+            faceid_v2_weight=faceid_v2_weight, image_masks=image_masks, image_weights=image_weights,
+            mask_method="diffusers", **fields,
         )
         self._hook.refresh()
         return self
 
-    def _layer_weights(self, weight_type: str, weight: float) -> tuple[float, ...] | None:
-        """The per-layer weights of ``weight_type`` (None for linear: ``weight`` on every layer)."""
-        if weight_type == "linear":
-            return None
-        from .weighting import layer_weights
+    def _weight_fields(self, weight_type: str | Mapping[str, Any], frames: list[float],
+                       boost: float | None) -> dict:
+        """Application weight fields for ``weight_type`` at each frame weight (one frame: no per-frame table)."""
+        from .weighting import LayerWeights, block_scales_to_layer_weights, layer_weights
 
-        weights = layer_weights(weight_type, weight, self.adapter.spec.family)
-        if weights.uncond is not None:
-            raise NotImplementedError(f"set_image: weight_type {weight_type!r} moves the reference to the uncond "
-                                      "branch at some layers, which attach does not support yet; use another type")
-        return weights.cond
+        family = self.adapter.spec.family
+        if isinstance(weight_type, Mapping):
+            if boost is not None:
+                raise ValueError("set_image: boost only applies to the precise weight types, not to block scales")
+            scales = block_scales_to_layer_weights(weight_type, family)
+            tables = [LayerWeights(tuple(w * f for w in scales)) for f in frames]
+        elif weight_type == "linear" and boost is None and len(frames) == 1:
+            return {}
+        else:
+            tables = [layer_weights(weight_type, f, family, boost=boost) for f in frames]
+        if len(tables) == 1:
+            return dict(layer_weights=tables[0].cond, uncond_layer_weights=tables[0].uncond)
+        swapped = any(t.uncond is not None for t in tables)
+        return dict(frame_layer_weights=tuple(t.cond for t in tables),
+                    frame_uncond_layer_weights=tuple(t.uncond or (0.0,) * len(t.cond) for t in tables)
+                    if swapped else None)
 
     def _encode(self, images: Any, image_negative: Any, face_embeds: torch.Tensor | None) -> Embeds:
         spec = self.adapter.spec
@@ -191,7 +239,7 @@ class AdapterHandle:
             return encode_for_adapter(self.clip_vision, spec, None, negative, self.uncond, face_embeds=face_embeds)
         parts = [encode_for_adapter(self.clip_vision, spec, batch, negative, self.uncond, face_embeds=face_embeds)
                  for batch in _image_batches(images)]
-        return _merge(parts)
+        return combine_embeds(parts, "concat")
 
     def detach(self) -> None:
         """Remove this adapter; the last one to go restores the UNet's processors and removes the hook."""

@@ -109,18 +109,53 @@ def image_attention(query: torch.Tensor, term: ImageAttentionTerm) -> torch.Tens
     return out.to(query.dtype)
 
 
+def active_rows(weight: Weight, batch: int) -> torch.Tensor | None:
+    """The batch rows a per-item weight ``[B]`` does not switch off, or None when every row is active.
+
+    A term whose weight is 0 on some rows (the cond chunk of a "precise" swap term, a frame of weight 0)
+    is computed on the other rows only, so the rows it skips get nothing added, exactly.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.ndim == 0:
+        return None
+    flat = weight.reshape(-1)
+    if flat.shape[0] != batch:
+        raise ValueError(f"a per-item image-attention weight has {flat.shape[0]} entries for a batch of {batch}")
+    nonzero = flat != 0
+    if bool(nonzero.all()):
+        return None
+    return nonzero.nonzero().reshape(-1)
+
+
+def _rows_of(term: ImageAttentionTerm, rows: torch.Tensor) -> ImageAttentionTerm:
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or t.shape[0] == 1:
+            return t  # broadcast over the batch: the same for every row
+        return t.index_select(0, rows.to(t.device))
+
+    weight = term.weight.reshape(-1).index_select(0, rows.to(term.weight.device))
+    return ImageAttentionTerm(pick(term.key), pick(term.value), weight, term.embeds_scaling,
+                              term.tokens_per_image, pick(term.mask))
+
+
 def decoupled_attention(
     text_out: torch.Tensor, query: torch.Tensor, terms: Sequence[ImageAttentionTerm]
 ) -> torch.Tensor:
     """``text_out`` [B,L,C] plus every non-zero-weight term's image attention, added in order.
 
-    With no term (or only zero weights) ``text_out`` itself is returned, untouched.
+    With no term (or only zero weights) ``text_out`` itself is returned, untouched.  A term with a per-item
+    weight is only computed (and added) on the rows where its weight is not 0.
     """
     out = text_out
     for term in terms:
         if is_zero_weight(term.weight):
             continue
-        out = out + image_attention(query, term)
+        rows = active_rows(term.weight, query.shape[0])
+        if rows is None:
+            out = out + image_attention(query, term)
+        else:
+            rows = rows.to(query.device)
+            part = image_attention(query.index_select(0, rows), _rows_of(term, rows))
+            out = out.index_add(0, rows, part.to(out.dtype))
     return out
 
 

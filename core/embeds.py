@@ -170,3 +170,74 @@ def _as_clip_vision(obj: Any) -> Any:
     from .encode import as_clip_vision  # the encoder module pulls in transformers; only load it when used
 
     return as_clip_vision(obj)
+
+
+# ---- combining several references ---------------------------------------------------------------------
+
+# The existing pack's combine methods: the apply nodes offer the first five, IPAdapterCombineEmbeds all seven.
+COMBINE_MODES: tuple[str, ...] = ("concat", "add", "subtract", "average", "norm average", "max", "min")
+
+
+def _reduce(rows: torch.Tensor, mode: str) -> torch.Tensor:
+    """Several images' features ``[N, ...]`` reduced to one ``[1, ...]`` (the existing pack's formulas)."""
+    if mode == "add":
+        return rows.sum(0, keepdim=True)
+    if mode == "subtract":
+        return (rows[0] - rows[1:].mean(0)).unsqueeze(0)
+    if mode == "average":
+        return rows.mean(0, keepdim=True)
+    if mode == "norm average":
+        # the norm is taken across the image axis per element, not per feature vector (as the pack does)
+        return (rows / rows.norm(dim=0, keepdim=True)).mean(0, keepdim=True)
+    if mode == "max":
+        return rows.max(dim=0, keepdim=True).values
+    if mode == "min":
+        return rows.min(dim=0, keepdim=True).values
+    raise ValueError(f"combine_embeds {mode!r} is not known; expected one of: {', '.join(COMBINE_MODES)}")
+
+
+def _concat(parts: list[Embeds]) -> Embeds:
+    """The rows of several Embeds as one, in order; they must hold the same feature of the same width."""
+    first = parts[0]
+    for index, part in enumerate(parts[1:], start=2):
+        if part.feature != first.feature or part.cond.shape[1:] != first.cond.shape[1:]:
+            raise ValueError(f"combine_embeds: embeds {index} hold {part.feature} {list(part.cond.shape[1:])} but "
+                             f"embeds 1 hold {first.feature} {list(first.cond.shape[1:])}; only embeds of the same "
+                             "encoder and feature (from the same kind of adapter) can be combined")
+        if (part.clip_cond is None) != (first.clip_cond is None):
+            raise ValueError(f"combine_embeds: embeds {index} and embeds 1 differ in carrying FaceID-Plus CLIP "
+                             "features; combine embeds of the same adapter kind")
+
+    def rows(name: str) -> torch.Tensor | None:
+        if getattr(first, name) is None:
+            return None
+        return torch.cat([getattr(part, name) for part in parts], dim=0)
+
+    return Embeds(rows("cond"), rows("uncond"), first.feature, rows("clip_cond"), rows("clip_uncond"))
+
+
+def combine_embeds(embeds: "Embeds | list[Embeds] | tuple[Embeds, ...]", mode: str = "concat") -> Embeds:
+    """Several references' Embeds as one, by ``mode`` (one of :data:`COMBINE_MODES`).
+
+    A list is first concatenated along the image axis (in order).  ``concat`` keeps every image (their
+    tokens are concatenated at apply time); the other modes reduce the cond features to one image:
+    ``add`` (sum), ``subtract`` (first minus the mean of the others), ``average``, ``norm average`` (each
+    element divided by its norm across the images, then averaged), ``max`` / ``min`` (element-wise over the
+    images).  The uncond of a reduced Embeds is the first image's, as the existing pack does.  FaceID-Plus
+    CLIP features are reduced alike.  A single image is returned unchanged.
+    """
+    if mode not in COMBINE_MODES:
+        raise ValueError(f"combine_embeds {mode!r} is not known; expected one of: {', '.join(COMBINE_MODES)}")
+    parts = list(embeds) if isinstance(embeds, (list, tuple)) else [embeds]
+    if not parts:
+        raise ValueError("combine_embeds: no embeds given")
+    for index, part in enumerate(parts, start=1):
+        if not isinstance(part, Embeds):
+            raise TypeError(f"combine_embeds: item {index} is a {type(part).__name__}, expected EMBEDS (Embeds)")
+    combined = parts[0] if len(parts) == 1 else _concat(parts)
+    if mode == "concat" or combined.count < 2:
+        return combined
+    clip = {}
+    if combined.clip_cond is not None:
+        clip = dict(clip_cond=_reduce(combined.clip_cond, mode), clip_uncond=combined.clip_uncond[:1])
+    return Embeds(_reduce(combined.cond, mode), combined.uncond[:1], combined.feature, **clip)

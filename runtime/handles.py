@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -45,6 +46,9 @@ class TextEncoderHandle:
     """CLIP headless: the tokenizers and text encoders of a checkpoint.
 
     ``family`` is ``"sd15"`` (one CLIPTextModel) or ``"sdxl"`` (CLIPTextModel + CLIPTextModelWithProjection).
+    ``patches`` (LoRA, ...) hold only while encoding; each has ``applied(module)`` (``core.weight_patches``)
+    and is applied to :meth:`patch_root`. The encoders are shared: add patches with
+    ``dataclasses.replace(handle, patches=handle.patches + (patch,))``, never by editing a handle.
     """
 
     family: str
@@ -52,6 +56,7 @@ class TextEncoderHandle:
     text_encoders: Sequence[Any]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    patches: tuple = ()
 
     def __post_init__(self) -> None:
         expected = {"sd15": 1, "sdxl": 2}.get(self.family)
@@ -65,8 +70,23 @@ class TextEncoderHandle:
         for encoder in self.text_encoders:
             _place(encoder, self.device, self.dtype)
 
+    def patch_root(self) -> torch.nn.Module:
+        """The encoders under diffusers' pipeline names (``text_encoder``, ``text_encoder_2``): what the
+        module names of this handle's patches are relative to. A new container each call; no copy."""
+        names = ("text_encoder", "text_encoder_2")
+        return torch.nn.ModuleDict(dict(zip(names, self.text_encoders)))
+
     @torch.no_grad()
     def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encode a prompt with this handle's patches applied (see :meth:`_encode`)."""
+        with contextlib.ExitStack() as stack:
+            if self.patches:
+                root = self.patch_root()
+                for patch in self.patches:
+                    stack.enter_context(patch.applied(root))
+            return self._encode(text)
+
+    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encode a prompt: ``(cond [1, 77·k, D], pooled [1, P])``.
 
         SD1.5: the final hidden states of the text encoder (ComfyUI's default, the last layer) and its pooled

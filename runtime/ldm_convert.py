@@ -134,3 +134,22 @@ def write_ldm_checkpoint(folder: Path, target: Path) -> None:
     else:
         state.update(clip_to_ldm(weights("text_encoder", "model.safetensors"), "cond_stage_model.transformer."))
     save_file({k: v.contiguous() for k, v in state.items()}, str(target), metadata={"format": "pt"})
+
+
+def controlnet_to_ldm(state: dict, config, down_blocks: int) -> dict:
+    """A diffusers ControlNetModel state dict in the original ``control_model.*`` layout."""
+    ldm_names = {"controlnet_cond_embedding.conv_in.": "input_hint_block.0.",
+                 "controlnet_cond_embedding.conv_out.": "input_hint_block.14.",
+                 "controlnet_mid_block.": "middle_block_out.0."}
+    ldm_names.update({f"controlnet_cond_embedding.blocks.{i}.": f"input_hint_block.{2 * i + 2}." for i in range(6)})
+    ldm_names.update({f"controlnet_down_blocks.{i}.": f"zero_convs.{i}.0." for i in range(down_blocks)})
+    out, shared = {}, {}
+    for key, value in state.items():
+        prefix = next((p for p in ldm_names if key.startswith(p)), None)
+        if prefix is None:
+            shared[key] = value
+        else:
+            out["control_model." + ldm_names[prefix] + key[len(prefix):]] = value
+    for key, value in unet_to_ldm(shared, config).items():  # the UNet-shaped part keeps the UNet's names
+        out["control_model." + key.removeprefix("model.diffusion_model.")] = value
+    return out

@@ -30,16 +30,17 @@ lcm                own update (ComfyUI's ``sample_lcm``: jump to the prediction,
 
 The UNet timestep of a sigma is interpolated in log-sigma between the training timesteps (k-diffusion's
 ``sigma_to_t``, also what diffusers' Euler uses); ComfyUI itself rounds to the nearest training timestep.
-Conditioning: every entry of a CONDITIONING list is run and the predictions are averaged by ``strength``, as
-ComfyUI does for entries without area/mask; entries with an area, a mask, a timestep range or a ControlNet
-are refused until regional conditioning exists.
+Conditioning (:mod:`runtime.conditioning`): every entry of a CONDITIONING list is run and the predictions are
+blended per pixel by ``strength × mask`` weights normalised by their sum, as ComfyUI's ``calc_cond_batch``;
+areas ("mask bounds") run the UNet on their crop; timestep ranges switch entries off; entries carrying a
+ControlNet (:mod:`runtime.controlnet`) add its residuals to their UNet call; 9-channel inpainting UNets get the
+mask and masked-image latent concatenated to their input.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -47,6 +48,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.backends.diffusers import DiffusersModel, patched_unet
+from . import conditioning
+from .conditioning import repeat_to_batch
+from .controlnet import ControlRun
 from .sigma_schedules import TrainingSigmas, ksampler_sigmas
 
 SAMPLER_NAMES: tuple[str, ...] = (
@@ -66,13 +70,6 @@ def prepare_noise(samples: torch.Tensor, seed: int, batch_index: list[int] | Non
     return torch.cat([drawn[i] for i in batch_index], dim=0)
 
 
-def repeat_to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    """Cut or tile ``tensor`` along dim 0 to ``batch`` rows (ComfyUI's repeat_to_batch_size)."""
-    if tensor.shape[0] != batch:
-        tensor = tensor.repeat(math.ceil(batch / tensor.shape[0]), *[1] * (tensor.ndim - 1))[:batch]
-    return tensor
-
-
 def prepare_mask(noise_mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """A pixel-size ``noise_mask`` [B,1,H,W] (or [B,H,W]) as a latent-size mask [B,C,h,w] (bilinear)."""
     mask = noise_mask.reshape(-1, 1, noise_mask.shape[-2], noise_mask.shape[-1]).to(torch.float32)
@@ -80,108 +77,102 @@ def prepare_mask(noise_mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return repeat_to_batch(mask.expand(-1, shape[1], -1, -1), shape[0])
 
 
-# ------------------------------------------------------------------------------------------ conditioning
-_REGIONAL_KEYS = ("area", "mask", "control", "gligen")
-
-
-@dataclass
-class _Chunk:
-    """One conditioning entry made ready for a UNet batch of the latent's size."""
-
-    context: torch.Tensor            # [B, tokens, D]
-    added: dict | None               # SDXL: text_embeds [B, P], time_ids [B, 6]
-    strength: float
-
-
-def _chunks(conditioning: list, which: str, family: str, batch: int, latent_hw: tuple[int, int]) -> list[_Chunk]:
-    if not conditioning:
-        raise ValueError(f"KSampler: the '{which}' conditioning is empty; connect a CLIPTextEncode output")
-    chunks = []
-    for index, (cond, options) in enumerate(conditioning):
-        refused = [k for k in _REGIONAL_KEYS if options.get(k) is not None]
-        if options.get("start_percent", 0.0) != 0.0 or options.get("end_percent", 1.0) != 1.0:
-            refused.append("start_percent/end_percent")
-        if refused:
-            raise NotImplementedError(
-                f"KSampler: '{which}' conditioning entry {index} carries {', '.join(refused)}; regional, "
-                "timestep-ranged and ControlNet conditioning are not supported headless yet. Remove the "
-                "ConditioningSetArea/SetMask/SetTimestepRange/ControlNet node or run the workflow in ComfyUI.")
-        added = None
-        if family == "sdxl":
-            pooled = options.get("pooled_output")
-            if pooled is None:
-                raise ValueError(f"KSampler: '{which}' conditioning entry {index} has no pooled_output, which "
-                                 "an SDXL model needs; encode the prompt with the SDXL checkpoint's CLIP")
-            height, width = options.get("height", latent_hw[0] * 8), options.get("width", latent_hw[1] * 8)
-            # diffusers' order: original_size (h, w) + crops_coords_top_left (h, w) + target_size (h, w)
-            time_ids = torch.tensor([[height, width, options.get("crop_h", 0), options.get("crop_w", 0),
-                                      options.get("target_height", height), options.get("target_width", width)]],
-                                    dtype=torch.float32)
-            added = {"text_embeds": repeat_to_batch(pooled.to(torch.float32), batch),
-                     "time_ids": time_ids.repeat(batch, 1)}
-        chunks.append(_Chunk(repeat_to_batch(cond.to(torch.float32), batch), added,
-                             float(options.get("strength", 1.0))))
-    return chunks
-
-
-def _cat_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along the batch; token counts differ (77 vs 154) → tile each to their least common
-    multiple, which leaves cross-attention unchanged (repeated keys keep the softmax weights' ratios)."""
-    tokens = math.lcm(*[c.shape[1] for c in contexts])
-    return torch.cat([c.repeat(1, tokens // c.shape[1], 1) for c in contexts], dim=0)
-
-
 # --------------------------------------------------------------------------------------------- denoiser
+def unet_in_channels(unet) -> int:
+    """Input channels of the UNet's first convolution: 4, or 9 for inpainting UNets (read from the weights)."""
+    conv_in = getattr(unet, "conv_in", None)
+    if conv_in is not None and hasattr(conv_in, "in_channels"):
+        return int(conv_in.in_channels)
+    return int(getattr(getattr(unet, "config", None), "in_channels", 4))
+
+
 class Denoiser:
-    """``x, sigma → denoised x0`` with CFG, as ComfyUI's model wrapper: one UNet call per step on
-    ``cat(uncond chunks, cond chunks)`` (``cond_or_uncond`` [1.., 0..]), or the cond chunks alone at cfg 1."""
+    """``x, sigma → denoised x0`` with CFG, as ComfyUI's ``sampling_function``: the entries of both sides
+    are run in as few UNet calls as possible (entries with the same area and ControlNet share one call on
+    ``cat(chunks)``, uncond chunks first: ``cond_or_uncond`` [1.., 0..]); the negative side is skipped at
+    cfg 1.  See :mod:`runtime.conditioning` for how the entries are weighted."""
 
     def __init__(self, model: DiffusersModel, train: TrainingSigmas, positive: list, negative: list,
-                 cfg: float, shape: torch.Size):
+                 cfg: float, shape: torch.Size, latent_image: torch.Tensor | None = None,
+                 denoise_mask: torch.Tensor | None = None):
         if model.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"KSampler: model '{model.name}' predicts '{model.prediction_type}'; "
                              "expected 'epsilon' or 'v_prediction'")
         self.model, self.train, self.cfg = model, train, float(cfg)
         self.calls = 0
-        hw = (int(shape[2]), int(shape[3]))
-        self.cond = _chunks(positive, "positive", model.family, shape[0], hw)
-        self.uncond = [] if math.isclose(self.cfg, 1.0) else _chunks(negative, "negative", model.family,
-                                                                      shape[0], hw)
-        chunks = self.uncond + self.cond
+        self.in_channels = unet_in_channels(model.unet)
+        if self.in_channels not in (4, 9):
+            raise ValueError(f"KSampler: model '{model.name}' takes {self.in_channels} input channels; expected 4 "
+                             "(a normal UNet) or 9 (an inpainting UNet: latent + mask + masked image latent)")
+        args = (model.family, shape, train.schedule, self.in_channels, latent_image, denoise_mask)
+        self.cond = conditioning.prepare_entries(positive, conditioning.COND, *args)
+        self.uncond = ([] if math.isclose(self.cfg, 1.0)
+                       else conditioning.prepare_entries(negative, conditioning.UNCOND, *args))
+        if self.uncond:
+            conditioning.pair_areas(self.cond, self.uncond)
+        self.entries = self.uncond + self.cond
         param = next(model.unet.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.cond_or_uncond = [1] * len(self.uncond) + [0] * len(self.cond)
-        self.context = _cat_contexts([c.context for c in chunks]).to(self.device, self.dtype)
-        self.added = None
-        if model.family == "sdxl":
-            self.added = {k: torch.cat([c.added[k] for c in chunks]).to(self.device, self.dtype)
-                          for k in ("text_embeds", "time_ids")}
+        self.controls = {id(e.control): ControlRun(e.control, train.schedule, model.family)
+                         for e in self.entries if e.control is not None}
+        self._inputs: dict[tuple, tuple] = {}
+
+    def _batch_inputs(self, batch: list) -> tuple:
+        """(context, added, concat) of a UNet batch; the same batches recur every step, so they are cached."""
+        key = tuple(id(e) for e in batch)
+        if key not in self._inputs:
+            to = dict(device=self.device, dtype=self.dtype)
+            context = conditioning.cat_contexts([e.context for e in batch]).to(**to)
+            added = None
+            if self.model.family == "sdxl":
+                added = {k: torch.cat([e.added[k] for e in batch]).to(**to) for k in ("text_embeds", "time_ids")}
+            concat = None
+            if self.in_channels == 9:
+                concat = torch.cat([conditioning.crop(e.concat, e.area) for e in batch]).to(**to)
+            self._inputs[key] = (context, added, concat)
+        return self._inputs[key]
+
+    def _run(self, batch: list, x_in: torch.Tensor, sigma: float, state) -> torch.Tensor:
+        n = len(batch)
+        sample = conditioning.crop(x_in, batch[0].area).repeat(n, 1, 1, 1)
+        context, added, concat = self._batch_inputs(batch)
+        t = torch.full((sample.shape[0],), self.train.timestep(sigma), device=self.device, dtype=torch.float32)
+        state.sigma, state.cond_or_uncond = float(sigma), [e.side for e in batch]
+        extra = {}
+        control = batch[0].control
+        if control is not None:
+            residuals = self.controls[id(control)].residuals(sample, t, context, added, sigma, n)
+            if residuals is not None:
+                extra = {"down_block_additional_residuals": residuals[0],
+                         "mid_block_additional_residual": residuals[1]}
+        if getattr(self.model.unet, "is_video_unet", False):
+            extra["batch_chunks"] = n  # the frames of each cond/uncond chunk form one video
+        unet_in = sample if concat is None else torch.cat([sample, concat], dim=1)
+        out = self.model.unet(unet_in, t, encoder_hidden_states=context, added_cond_kwargs=added,
+                              return_dict=False, **extra)[0]
+        self.calls += 1
+        return out.to(torch.float32)
 
     def __call__(self, x: torch.Tensor, sigma: float, state) -> torch.Tensor:
-        n = len(self.cond_or_uncond)
-        state.sigma, state.cond_or_uncond = float(sigma), list(self.cond_or_uncond)
         # c_in = 1 / sqrt(sigma² + 1), written as a division: bit-equal to diffusers' scale_model_input
-        x_in = (x / math.sqrt(sigma ** 2 + 1.0)).repeat(n, 1, 1, 1).to(self.device, self.dtype)
-        t = torch.full((x_in.shape[0],), self.train.timestep(sigma), device=self.device, dtype=torch.float32)
-        out = self.model.unet(x_in, t, encoder_hidden_states=self.context,
-                              added_cond_kwargs=self.added, return_dict=False)[0].to(torch.float32)
-        self.calls += 1
-        # Guidance is linear and the prediction → x0 map is affine with weights summing to one, so mixing
-        # the raw predictions first equals ComfyUI's mixing of x0 predictions, with less rounding.
-        out = out.chunk(n)
-        mixed = _weighted(out[len(self.uncond):], self.cond)
+        x_in = (x / math.sqrt(sigma ** 2 + 1.0)).to(self.device, self.dtype)
+        blends = {side: conditioning.Blend(x.to(self.device, torch.float32))
+                  for side in (conditioning.COND, conditioning.UNCOND)}
+        for batch in conditioning.unet_batches([e for e in self.entries if e.active(sigma)]):
+            for entry, prediction in zip(batch, self._run(batch, x_in, sigma, state).chunk(len(batch))):
+                blends[entry.side].add(prediction, entry.mult, entry.area)
+        # Guidance is linear and the prediction → x0 map is affine, so mixing the raw predictions first and
+        # weighting x by the coverage equals ComfyUI's blend of x0 predictions (0 where nothing covers a pixel).
+        mixed, cover = blends[conditioning.COND].result()
         if self.uncond:
-            uncond = _weighted(out[:len(self.uncond)], self.uncond)
+            uncond, uncond_cover = blends[conditioning.UNCOND].result()
             mixed = uncond + self.cfg * (mixed - uncond)
+            cover = uncond_cover + self.cfg * (cover - uncond_cover)
+        x = x.to(self.device, torch.float32)
         if self.model.prediction_type == "epsilon":
-            return x - sigma * mixed
+            return x * cover - sigma * mixed
         # v-prediction with sigma_data 1, in k-diffusion's parametrisation
-        return x / (sigma ** 2 + 1.0) - mixed * sigma / math.sqrt(sigma ** 2 + 1.0)
-
-
-def _weighted(predictions: tuple[torch.Tensor, ...], chunks: list[_Chunk]) -> torch.Tensor:
-    total = max(sum(c.strength for c in chunks), 1e-37)  # all strengths 0: a zero prediction
-    return sum(p * (c.strength / total) for p, c in zip(predictions, chunks))
+        return x * cover / (sigma ** 2 + 1.0) - mixed * sigma / math.sqrt(sigma ** 2 + 1.0)
 
 
 # ---------------------------------------------------------------------------------------------- steppers
@@ -306,11 +297,12 @@ def sample(model: DiffusersModel, seed: int, steps: int, cfg: float, sampler_nam
         noise = prepare_noise(latent_image, seed, latent.get("batch_index"))
     else:
         noise = torch.zeros_like(latent_image)
-    denoiser = Denoiser(model, train, positive, negative, cfg, latent_image.shape)
+    mask = latent.get("noise_mask")
+    mask = None if mask is None else prepare_mask(mask, latent_image.shape)
+    denoiser = Denoiser(model, train, positive, negative, cfg, latent_image.shape, latent_image, mask)
     device = denoiser.device
     latent_image, noise = latent_image.to(device), noise.to(device)
-    mask = latent.get("noise_mask")
-    mask = None if mask is None else prepare_mask(mask, latent_image.shape).to(device)
+    mask = None if mask is None else mask.to(device)
     blend_noise = noise
     if mask is not None and sampler_name == "ddim":  # ComfyUI's ddim = euler with "random" inpaint noise
         blend_noise = torch.randn(latent_image.shape, generator=torch.manual_seed(seed + 1)).to(device)

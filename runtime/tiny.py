@@ -51,7 +51,7 @@ from typing import Callable, Iterator
 from .ldm_convert import write_ldm_checkpoint
 
 # Bump when anything below changes what is written; a models folder with another stamp is rebuilt.
-TINY_VERSION = "1"
+TINY_VERSION = "3"
 STAMP_NAME = ".tiny-models-version"
 
 # The tiny VAE is not part of the shared contract: only its downscale factor (8) and 4 latent channels are.
@@ -76,7 +76,10 @@ SDXL_SCHEDULER = dict(
 
 # Fixed seeds, one per model, so each model's weights do not depend on what else is built.
 SEEDS = dict(sd15_unet=1501, sd15_vae=1502, sd15_text=1503, sdxl_unet=2101, sdxl_vae=2102, sdxl_text=2103,
-             sdxl_text_2=2104, vit_h=3101, vit_bigG=3102)
+             sdxl_text_2=2104, vit_h=3101, vit_bigG=3102, sd15_inpaint_unet=1504, controlnet_sd15=1505)
+# The ControlNet's hint encoder: 4 levels like the real (16, 32, 96, 256), so the original layout's
+# input_hint_block numbering (0, 2, ..., 12, 14) holds.
+TINY_CONTROLNET_HINT_CHANNELS = (8, 8, 16, 16)
 
 # name -> path relative to the models folder (what ensure_tiny_models returns)
 TINY_PATHS = {
@@ -84,6 +87,10 @@ TINY_PATHS = {
     "tiny-sdxl": "checkpoints/tiny-sdxl",
     "tiny-sd15.safetensors": "checkpoints/tiny-sd15.safetensors",
     "tiny-sdxl.safetensors": "checkpoints/tiny-sdxl.safetensors",
+    "tiny-sd15-inpaint": "checkpoints/tiny-sd15-inpaint",                    # 9-channel inpainting UNet
+    "tiny-sd15-inpaint.safetensors": "checkpoints/tiny-sd15-inpaint.safetensors",
+    "tiny-controlnet-sd15": "controlnet/tiny-controlnet-sd15",                # diffusers ControlNetModel
+    "tiny-controlnet-sd15.safetensors": "controlnet/tiny-controlnet-sd15.safetensors",  # original layout
     "tiny-vit-h": "clip_vision/tiny-vit-h",
     "tiny-vit-bigG": "clip_vision/tiny-vit-bigG",
     "tiny-vit-h.safetensors": "clip_vision/tiny-vit-h.safetensors",
@@ -167,13 +174,14 @@ def _vae(scaling_factor: float):
     )
 
 
-def build_sd15_unet():
-    """UNet2DConditionModel with SD1.5's block topology (16 attn2 layers) and the TINY_SD15 widths."""
+def build_sd15_unet(in_channels: int = 4):
+    """UNet2DConditionModel with SD1.5's block topology (16 attn2 layers) and the TINY_SD15 widths
+    (``in_channels`` 9: an inpainting UNet, latent + mask + masked image latent)."""
     from diffusers import UNet2DConditionModel
 
     t = TINY_SD15
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4,
+        sample_size=8, in_channels=in_channels, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         mid_block_type="UNetMidBlock2DCrossAttn",
@@ -217,12 +225,15 @@ def _scheduler(config: dict):
     return getattr(diffusers, config["_class_name"]).from_config(cfg)
 
 
-def _write_sd15(folder: Path) -> None:
-    from diffusers import StableDiffusionPipeline
+def _write_sd15(folder: Path, inpaint: bool = False) -> None:
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    pipe = StableDiffusionPipeline(
-        unet=_seeded(SEEDS["sd15_unet"], build_sd15_unet),
+    # The inpainting checkpoint shares the VAE and text encoder of tiny-sd15 (same seeds), like the real ones.
+    unet = (_seeded(SEEDS["sd15_inpaint_unet"], lambda: build_sd15_unet(9)) if inpaint
+            else _seeded(SEEDS["sd15_unet"], build_sd15_unet))
+    pipe = (StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)(
+        unet=unet,
         vae=_seeded(SEEDS["sd15_vae"], lambda: _vae(0.18215)),
         text_encoder=_seeded(SEEDS["sd15_text"], lambda: CLIPTextModel(_text_config(TINY_SD15["text_hidden"]))),
         tokenizer=make_tokenizer("<|endoftext|>"),
@@ -252,6 +263,37 @@ def _write_sdxl(folder: Path) -> None:
     pipe.save_pretrained(str(folder), safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):
         _write_vocab_files(folder / name)
+
+
+def build_sd15_controlnet():
+    """ControlNetModel made from the tiny SD1.5 UNet (as real ControlNets start from their UNet's weights);
+    the layers diffusers starts at zero (hint output, zero convs) get small seeded weights so it acts."""
+    import torch
+    from diffusers import ControlNetModel
+
+    unet = _seeded(SEEDS["sd15_unet"], build_sd15_unet)
+    # the hint encoder is not in the UNet: its initial weights come from the global generator, so seed it
+    model = _seeded(SEEDS["controlnet_sd15"], lambda: ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=TINY_CONTROLNET_HINT_CHANNELS))
+    generator = torch.Generator().manual_seed(SEEDS["controlnet_sd15"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(("controlnet_down_blocks.", "controlnet_mid_block.",
+                                "controlnet_cond_embedding.conv_out.")):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def _write_controlnet(folder: Path, single_file: Path) -> None:
+    """The tiny ControlNet as a diffusers folder and as one file in the original (``control_model.*``) layout."""
+    from safetensors.torch import save_file
+
+    from .ldm_convert import controlnet_to_ldm
+
+    model = build_sd15_controlnet()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    state = controlnet_to_ldm(model.state_dict(), model.config, len(model.controlnet_down_blocks))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(single_file), metadata={"format": "pt"})
 
 
 def build_clip_vision(name: str):
@@ -321,10 +363,13 @@ def _build_all(root: Path) -> None:
     """Write every tiny model under ``root`` (a fresh, empty folder)."""
     (root / "checkpoints").mkdir(parents=True)
     (root / "clip_vision").mkdir(parents=True)
+    (root / "controlnet").mkdir(parents=True)
     _write_sd15(root / TINY_PATHS["tiny-sd15"])
     _write_sdxl(root / TINY_PATHS["tiny-sdxl"])
-    write_ldm_checkpoint(root / TINY_PATHS["tiny-sd15"], root / TINY_PATHS["tiny-sd15.safetensors"])
-    write_ldm_checkpoint(root / TINY_PATHS["tiny-sdxl"], root / TINY_PATHS["tiny-sdxl.safetensors"])
+    _write_sd15(root / TINY_PATHS["tiny-sd15-inpaint"], inpaint=True)
+    for name in ("tiny-sd15", "tiny-sdxl", "tiny-sd15-inpaint"):
+        write_ldm_checkpoint(root / TINY_PATHS[name], root / TINY_PATHS[name + ".safetensors"])
+    _write_controlnet(root / TINY_PATHS["tiny-controlnet-sd15"], root / TINY_PATHS["tiny-controlnet-sd15.safetensors"])
     _write_clip_vision(root / TINY_PATHS["tiny-vit-h"], root / TINY_PATHS["tiny-vit-h.safetensors"],
                        "vit-h", SEEDS["vit_h"])
     _write_clip_vision(root / TINY_PATHS["tiny-vit-bigG"], root / TINY_PATHS["tiny-vit-bigG.safetensors"],

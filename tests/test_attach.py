@@ -181,11 +181,31 @@ def test_weight_type_style_transfer_equals_instantstyle_block_scales(base_pipes,
     compare(ours, theirs, base_pipes["sd15"], image)
 
 
-def test_precise_weight_types_are_refused_for_now(base_pipes, files):
+def test_an_instantstyle_dict_as_weight_type_equals_diffusers_block_scales(base_pipes, files):
+    image = pil_image(19)
+    scales = {"down": {"block_2": [0.0, 1.0]}, "up": {"block_1": [0.0, 1.0, 0.5]}}
+    ours = fresh(base_pipes["sd15"])
+    attach(ours, files["sd15"], image_encoder=files["vit-h"]).set_image(image, weight_type=scales)
+    theirs = with_diffusers_adapters(fresh(base_pipes["sd15"]), files, ["sd15"], "vit-h", [scales])
+    compare(ours, theirs, base_pipes["sd15"], image)
+
+
+def test_precise_weight_types_swap_the_reference_to_the_uncond_branch(base_pipes, files):
+    from ipadapter_nodes.core.weighting import layer_weights
+
     pipe = fresh(base_pipes["sd15"])
+    plain = generate(pipe)
     with attach(pipe, files["sd15"], image_encoder=files["vit-h"]) as handle:
-        with pytest.raises(NotImplementedError, match="style transfer precise"):
-            handle.set_image(pil_image(19), weight_type="style transfer precise")
+        app = handle.set_image(pil_image(20), weight=0.8, weight_type="style transfer precise", boost=1.5).application
+        expected = layer_weights("style transfer precise", 0.8, "sd15", boost=1.5)
+        assert (app.layer_weights, app.uncond_layer_weights) == (expected.cond, expected.uncond)
+        precise = generate(pipe)
+        handle.set_image(pil_image(20), weight_type={"down": {"block_2": [0.0, 0.0]}})  # every layer 0
+        assert torch.equal(generate(pipe), plain)
+    assert (precise - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="names no block"):
+        attach(fresh(base_pipes["sd15"]), files["sd15"], image_encoder=files["vit-h"]).set_image(
+            pil_image(20), weight_type={"up": {"block_0": 1.0}})
 
 
 # ---- the handle ----------------------------------------------------------------------------------------

@@ -150,3 +150,18 @@ def test_select_chunks_refuses_a_batch_that_does_not_split():
     cond = torch.zeros(1, 3, C)
     with pytest.raises(ValueError, match="does not split"):
         select_chunks(cond, cond, [1, 0], 3)
+
+
+@pytest.mark.parametrize("mode", EMBEDS_SCALING_MODES)
+def test_rows_of_weight_zero_get_nothing_added_exactly(mode):
+    query, key, value = make(batch=3, seed=4)
+    text = torch.randn(3, 6, C, generator=torch.Generator().manual_seed(5))
+    mask = torch.rand(3, 6, 1, generator=torch.Generator().manual_seed(6))
+    weight = torch.tensor([0.0, 0.6, 1.3])
+    out = decoupled_attention(text, query, [ImageAttentionTerm(key, value, weight, mode, mask=mask)])
+    assert torch.equal(out[0], text[0])  # not "almost": the row is never computed
+    for row in (1, 2):
+        term = ImageAttentionTerm(key[row:row + 1], value[row:row + 1], float(weight[row]), mode,
+                                  mask=mask[row:row + 1])
+        alone = image_attention(query[row:row + 1], term)
+        assert torch.allclose(out[row], text[row] + alone[0], atol=1e-6)

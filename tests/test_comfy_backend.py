@@ -425,8 +425,36 @@ def test_is_comfy_model_tells_a_model_patcher_from_the_headless_model():
         comfy.apply_application(object(), None)
 
 
-def test_masks_are_refused_until_supported(adapters):
-    app = make_application(adapters, "sd15", attn_mask=torch.ones(1, 8, 8))
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        comfy.apply_application(patcher("sd15"), app)
+@pytest.mark.parametrize("family,variant,weight_type", [("sd15", "sd15", "style transfer precise"),
+                                                         ("sdxl", "sdxl", "composition precise")])
+def test_patch_with_a_mask_and_a_precise_type_equals_diffusers_backend(unets, adapters, family, variant, weight_type):
+    """A 4x4-token latent (16 query tokens at every site, as site_inputs gives): ComfyUI's original_shape and
+    activations_shape against the diffusers backend's latent size, same mask, same numbers."""
+    from ipadapter_nodes.core import weighting
 
+    unet = unets[family]
+    mask = torch.zeros(2, 24, 24)
+    mask[0, :, :12] = 1.0
+    mask[1, 6:18, 6:18] = 0.5  # one mask per latent, not binary
+    lw = weighting.layer_weights(weight_type, 0.9, family, boost=1.4)
+    app = make_application(adapters, variant, layer_weights=lw.cond, uncond_layer_weights=lw.uncond, attn_mask=mask)
+    patched = comfy.apply_application(patcher(family), app)
+    reference = UNetPatch(unet, SCHEDULERS[family], [app])
+    reference.state.latent_hw = (4, 4)
+    worst, swapped_seen = 0.0, False
+    for layer, key in enumerate(comfy.BLOCK_KEYS[family]):
+        module = reference.layers[layer][1]
+        hidden, context = site_inputs(module, 4, seed=layer)
+        expected = diffusers_output(reference, layer, hidden, context, 3.0, [1, 0])
+        q, k, v = qkv(module, hidden, context)
+        options = options_for(module, key, [1, 0], 3.0, 2)
+        options.update(original_shape=[4, 4, 4, 4], activations_shape=[4, module.inner_dim, 4, 4])
+        with torch.no_grad():
+            got = module.to_out[0](run_attn2(patched, q, k, v, options))
+        worst = max(worst, float((got - expected).abs().max()))
+        if lw.uncond[layer]:
+            swapped_seen = True
+            text = module.to_out[0](reference_attention(*qkv(module, hidden, context), module.heads))
+            assert torch.allclose(got[2:], text[2:], atol=1e-6)          # cond rows: text only
+            assert (got[:2] - text[:2]).abs().max() > 1e-4               # uncond rows: the reference
+    assert swapped_seen and worst <= TOLERANCE

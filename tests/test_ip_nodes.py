@@ -345,12 +345,22 @@ def test_simple_node_applies_standard_as_linear(tiny_layout):
     assert out.applications[0].weight == 0.5 and out.applications[0].layer_weights is None
 
 
-def test_not_yet_supported_inputs_raise_clear_errors(tiny_layout):
+def test_weight_types_and_masks_reach_the_application(tiny_layout):
+    from ipadapter_nodes.core import weighting
+
     _, (_, pipeline) = _unified(_model(), "STANDARD (medium strength)")
-    with pytest.raises(NotImplementedError, match="weight_type 'ease in'"):
-        _advanced(_model(), pipeline, weight_type="ease in")
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        _advanced(_model(), pipeline, attn_mask=torch.ones(1, 8, 8))
+    (app,) = _advanced(_model(), pipeline, weight_type="ease in", attn_mask=torch.ones(1, 8, 8)).applications
+    assert app.layer_weights == weighting.layer_weights("ease in", 0.7, "sd15").cond
+    assert app.uncond_layer_weights is None and app.attn_mask.shape == (1, 8, 8)
+    assert app.mask_method == "ipadapter_plus"
+
+
+def test_bad_inputs_raise_clear_errors(tiny_layout):
+    _, (_, pipeline) = _unified(_model(), "STANDARD (medium strength)")
+    with pytest.raises(ValueError, match="IPAdapterAdvanced: weight_type 'heavy'"):
+        _advanced(_model(), pipeline, weight_type="heavy")
+    with pytest.raises(ValueError, match="IPAdapterAdvanced: attn_mask"):
+        _advanced(_model(), pipeline, attn_mask=torch.ones(1, 1, 1, 8, 8))
     with pytest.raises(ValueError, match="embeds_scaling 'V'"):
         _advanced(_model(), pipeline, embeds_scaling="V")
     with pytest.raises(ValueError, match="start_at"):

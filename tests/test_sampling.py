@@ -341,9 +341,9 @@ def test_noise_mask_shows_the_unet_the_noised_original_outside_the_mask(train):
         _assert_close(call["sample"], (original + noise * sigma) / math.sqrt(sigma ** 2 + 1))
 
 
-def test_regional_conditioning_is_refused_with_a_clear_error():
-    positive = _cond(10, mask=torch.ones(1, 64, 64))
-    with pytest.raises(NotImplementedError, match="'positive' conditioning entry 0 carries mask"):
+def test_gligen_conditioning_is_refused_with_a_clear_error():
+    positive = _cond(10, gligen=("position", object(), []))
+    with pytest.raises(NotImplementedError, match="'positive' conditioning entry 0 carries gligen"):
         sampling.sample(_model(ToyUNet()), 0, 2, 4.0, "euler", "normal", positive, _cond(11),
                         {"samples": torch.zeros(1, 4, 8, 8)})
 

@@ -23,6 +23,9 @@ How it works:
   ``sigma_end <= extra_options["sigmas"][0] <= sigma_start`` (ComfyUI's own step-range convention).
 * Cond/uncond: the UNet batch is ``len(cond_or_uncond)`` chunks in ``extra_options["cond_or_uncond"]``
   order (``[1, 0]`` happens); each chunk gets the cond or uncond image keys/values.
+* Masks (``attn_mask``, per-image masks): the latent size is ``extra_options["original_shape"]`` and the
+  layer's token grid ``extra_options["activations_shape"]``; resized by ``core.masks`` exactly as the
+  diffusers backend does, so both give the same numbers.
 * Per-run cache: the projection and each layer's image K/V are computed once per sampling run and cast to
   the query's device and dtype.  A run is identified by the ``sample_sigmas`` tensor ComfyUI puts into the
   transformer options for one sampling call (the same object for every step of that call); a new object
@@ -214,6 +217,26 @@ def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_opti
     return out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
 
 
+def _spatial(shape: Any) -> tuple[int, int] | None:
+    """(h, w) of a ``[B, C, h, w]`` shape from ``extra_options``, or None when it is missing or not 4-D."""
+    if shape is None or len(shape) < 4:
+        return None
+    return int(shape[-2]), int(shape[-1])
+
+
+def mask_geometry(extra_options: dict, query_len: int) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """(latent (h, w), this layer's token grid (h, w) or None) for attention masks.
+
+    The latent size is ComfyUI's ``original_shape`` (the UNet input); the grid is the transformer's
+    ``activations_shape`` when it holds exactly ``query_len`` tokens (else the mask code derives it).
+    """
+    latent_hw = _spatial(extra_options.get("original_shape"))
+    grid = _spatial(extra_options.get("activations_shape"))
+    if grid is not None and grid[0] * grid[1] != query_len:
+        grid = None
+    return latent_hw, grid
+
+
 class Attn2Patch:
     """ComfyUI attn2 replace patch: one application's image term at one cross-attention site.
 
@@ -241,7 +264,9 @@ class Attn2Patch:
         batch, _, width = q.shape
         heads = int(extra_options["n_heads"])
         cond_or_uncond = list(extra_options.get("cond_or_uncond") or [0])
-        terms = image_terms([run.entry], self.layer, sigma, cond_or_uncond, batch, q.device, q.dtype)
+        latent_hw, grid = mask_geometry(extra_options, q.shape[1])
+        terms = image_terms([run.entry], self.layer, sigma, cond_or_uncond, batch, q.device, q.dtype,
+                            query_len=q.shape[1], latent_hw=latent_hw, grid=grid)
         query = q.view(batch, -1, heads, width // heads).transpose(1, 2)
         return decoupled_attention(text, query, terms)
 
@@ -277,9 +302,6 @@ def apply_application(model_patcher: Any, application: Application) -> Any:
     """
     if not is_comfy_model(model_patcher):
         raise TypeError(f"expected a ComfyUI MODEL (ModelPatcher), got {type(model_patcher).__name__}")
-    if application.attn_mask is not None:
-        raise NotImplementedError("attention masks (attn_mask) are not supported by the ComfyUI backend yet; "
-                                  "leave the mask input empty")
     family = model_family(model_patcher)
     check_fits(application.adapter, family, unet_config(model_patcher).get("context_dim"))
     sampling = model_patcher.get_model_object("model_sampling")

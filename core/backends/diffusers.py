@@ -9,6 +9,9 @@ Contract with the sampler (``runtime``'s KSampler) and with ``attach``:
   UNet call, sets ``state.sigma`` (the k-diffusion sigma of this step) and ``state.cond_or_uncond``
   (ComfyUI's convention: the UNet batch is ``len(cond_or_uncond)`` equal chunks, 0 = cond chunk,
   1 = uncond chunk; e.g. ``[1, 0]`` for a CFG batch ``cat([uncond, cond])``, ``[0]`` for cfg == 1).
+* ``state.latent_hw`` (the latent's height, width, for attention masks) is filled by a forward pre-hook the
+  patch puts on the UNet (from each call's ``sample``), so a sampler need not set it; the hook goes with
+  the processors.
 * On exit the UNet's original attention processors are restored, even on error or interrupt.
 
 How the patch works: every cross-attention (attn2) processor of the UNet, mid block included, is replaced by
@@ -42,6 +45,8 @@ class SamplingState:
 
     sigma: float | None = None
     cond_or_uncond: list[int] = field(default_factory=lambda: [0])
+    # (height, width) of the latent the UNet is called on; the patch's UNet pre-hook fills it on every call
+    latent_hw: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,7 @@ class UNetPatch:
         self.schedule = NoiseSchedule.from_config(scheduler_config) if scheduler_config else None
         self.layers = cross_attention_layers(unet)
         self._originals: dict[str, Any] | None = None
+        self._hook: Any = None
         self._prepared: list[Entry] = []
         self.set_applications(applications)
 
@@ -195,9 +201,6 @@ class UNetPatch:
         entries = []
         for application in applications:
             check_fits(application.adapter, self.layers)
-            if application.attn_mask is not None:
-                raise NotImplementedError("attention masks (attn_mask) are not supported by the diffusers "
-                                          "backend yet; leave the mask input empty")
             if self.schedule is None:
                 start, end = SIGMA_BEFORE_START, 0.0
             else:
@@ -210,16 +213,28 @@ class UNetPatch:
         self._prepared = entries
 
     def install(self) -> None:
-        """Replace every cross-attention processor with ours (remembering the originals)."""
+        """Replace every cross-attention processor with ours (remembering the originals) and hook the UNet's
+        forward to read each call's latent size (for masks)."""
         if self.installed:
             return
         self._originals = {}
         for index, (name, module) in enumerate(self.layers):
             self._originals[name] = module.processor
             module.set_processor(IPCrossAttnProcessor(self, index, module.processor))
+        unet = self.unet
+        if unet is not None:
+            self._hook = unet.register_forward_pre_hook(self._read_latent_size, with_kwargs=True)
+
+    def _read_latent_size(self, module: Any, args: tuple, kwargs: dict) -> None:
+        sample = kwargs.get("sample", args[0] if args else None)
+        if isinstance(sample, torch.Tensor) and sample.ndim >= 4:
+            self.state.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
 
     def remove(self) -> None:
-        """Put the original processors back."""
+        """Put the original processors back and remove the hook."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         if self._originals is None:
             return
         for name, module in self.layers:
@@ -230,10 +245,16 @@ class UNetPatch:
         """Whether any application acts at this layer for the current UNet call (weight != 0, in range)."""
         return any_active(self._prepared, layer, self.state.sigma)
 
-    def active_terms(self, layer: int, batch: int, query: torch.Tensor) -> list[ImageAttentionTerm]:
-        """The image-attention terms of the applications active at this layer and sigma."""
-        return image_terms(self._prepared, layer, self.state.sigma, self.state.cond_or_uncond, batch,
-                           query.device, query.dtype)
+    def active_terms(self, layer: int, batch: int, query: torch.Tensor,
+                     grid: tuple[int, int] | None = None) -> list[ImageAttentionTerm]:
+        """The image-attention terms of the applications active at this layer and sigma.
+
+        ``query`` is ``[B, heads, L, head_dim]``; ``grid`` is the layer's token grid when the processor knows
+        it (4-D hidden states), else masks find it from ``L`` and the latent size of this UNet call.
+        """
+        state = self.state
+        return image_terms(self._prepared, layer, state.sigma, state.cond_or_uncond, batch, query.device,
+                           query.dtype, query_len=int(query.shape[2]), latent_hw=state.latent_hw, grid=grid)
 
 
 class IPCrossAttnProcessor:
@@ -257,8 +278,10 @@ class IPCrossAttnProcessor:
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
+        grid = None
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
+            grid = (height, width)
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
         batch_size, sequence_length, _ = encoder_hidden_states.shape
         if attention_mask is not None:
@@ -284,7 +307,7 @@ class IPCrossAttnProcessor:
                                               is_causal=False)
         text = text.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
 
-        hidden_states = decoupled_attention(text, query, self.patch.active_terms(self.layer, batch_size, query))
+        hidden_states = decoupled_attention(text, query, self.patch.active_terms(self.layer, batch_size, query, grid))
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES: tuple[str, ...] = ("checkpoint", "text", "latent", "image", "clip_vision", "sampler", "masks")
+_MODULES: tuple[str, ...] = ("checkpoint", "text", "latent", "image", "clip_vision", "sampler", "masks",
+                              "conditioning", "inpaint", "lora", "animatediff", "animated")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

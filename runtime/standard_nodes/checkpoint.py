@@ -2,8 +2,9 @@
 
 The ``checkpoints`` folder may hold diffusers pipeline folders (a directory with ``model_index.json``,
 listed by its folder name) and single files (``.safetensors``/``.ckpt``, the layout people download).
-The family (sd15/sdxl) is read from the weights, never from the name. Each checkpoint is loaded once per
-process (cached by path and modification time).
+The family (sd15/sdxl) is read from the weights, never from the name; so is an inpainting UNet (its first
+convolution takes 9 channels: latent, mask and masked-image latent), for folders and single files alike.
+Each checkpoint is loaded once per process (cached by path and modification time).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ PIPELINE_MARKER = "model_index.json"
 _SDXL_KEY_PREFIX = "conditioner.embedders.1."
 _SD15_KEY_PREFIX = "cond_stage_model.transformer."
 _SD2_KEY_PREFIX = "cond_stage_model.model."
+_CONV_IN_KEY = "model.diffusion_model.input_blocks.0.0.weight"  # [320, in_channels, 3, 3]
 
 _CACHE: dict[tuple[str, float], tuple[DiffusersModel, TextEncoderHandle, VAEHandle]] = {}
 
@@ -97,16 +99,21 @@ def _load_folder(path: Path, name: str) -> tuple[DiffusersModel, TextEncoderHand
     return _assemble(unet, family, scheduler_config, tokenizers, encoders, vae, name)
 
 
-def _read_keys(path: Path) -> list[str]:
+def _read_keys(path: Path) -> tuple[list[str], int | None]:
+    """(key names, input channels of the UNet's first convolution or None) of a single-file checkpoint."""
     if path.suffix.lower() in (".safetensors", ".sft"):
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
+            keys = list(f.keys())
+            in_channels = f.get_slice(_CONV_IN_KEY).get_shape()[1] if _CONV_IN_KEY in keys else None
+            return keys, in_channels
     import torch
 
     data = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    return list(data.get("state_dict", data).keys())
+    data = data.get("state_dict", data)
+    conv_in = data.get(_CONV_IN_KEY)
+    return list(data.keys()), None if conv_in is None else int(conv_in.shape[1])
 
 
 def _local_config_for(path: Path) -> Path | None:
@@ -118,7 +125,8 @@ def _local_config_for(path: Path) -> Path | None:
 def _load_single_file(path: Path, name: str) -> tuple[DiffusersModel, TextEncoderHandle, VAEHandle]:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    family = family_from_keys(_read_keys(path), name)
+    keys, in_channels = _read_keys(path)
+    family = family_from_keys(keys, name)
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     config = _local_config_for(path)
     kwargs: dict[str, Any] = {}
@@ -126,6 +134,12 @@ def _load_single_file(path: Path, name: str) -> tuple[DiffusersModel, TextEncode
         kwargs["config"] = str(config)
         if family == "sdxl":
             kwargs["text_encoder_2"] = _sdxl_second_text_encoder(path, config)
+        if in_channels is not None and in_channels != _config_in_channels(config):
+            # the weights decide: an inpainting file next to a plain folder (or the reverse) still loads
+            from diffusers import UNet2DConditionModel
+
+            kwargs["unet"] = UNet2DConditionModel.from_single_file(
+                str(path), config=str(config), subfolder="unet", in_channels=in_channels)
     try:
         pipe = pipeline_class.from_single_file(str(path), **kwargs)
     except (OSError, ValueError) as err:  # the configs of real models come from the Hugging Face Hub
@@ -143,6 +157,10 @@ def _load_single_file(path: Path, name: str) -> tuple[DiffusersModel, TextEncode
     scheduler_config = dict(pipe.scheduler.config)
     scheduler_config["_class_name"] = type(pipe.scheduler).__name__
     return _assemble(pipe.unet, family, scheduler_config, tokenizers, encoders, pipe.vae, name)
+
+
+def _config_in_channels(config: Path) -> int:
+    return int(json.loads((config / "unet" / "config.json").read_text()).get("in_channels", 4))
 
 
 def _sdxl_second_text_encoder(path: Path, config: Path):
