@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 # Modules are added as the nodes arrive; a missing module is a packaging bug, so no try/except.
-_MODULES: tuple[str, ...] = ("loaders", "apply", "images", "masks", "faceid", "style", "embeds", "weights", "batch", "regional")
+_MODULES: tuple[str, ...] = ("loaders", "apply", "images", "masks", "faceid", "style", "embeds", "weights", "batch", "regional", "legacy")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
