@@ -1,21 +1,26 @@
 """Per-denoising-step cost of IP-Adapter: no adapter vs diffusers' IP-Adapter vs ours.
 
-Full SD1.5 UNet architecture (random weights, fp32, CPU), a CFG batch of 2 at 32×32 latents, base and Plus
-adapters at their real shapes. For each configuration it prints:
+Full SD1.5 UNet architecture (random weights, fp32, CPU), a CFG batch of 2 at 32×32 latents; base, Plus and
+FaceID-Plus adapters at their real shapes, with 1, 4 and 16 reference images. For each configuration it
+prints, side by side from one run:
 
-* FLOPs of one steady-state step (attention counted: SDPA runs on its math backend while counting);
-* the median wall time of a step over several steps of one sampling call;
+* FLOPs of one steady-state step (attention counted: SDPA runs on its math backend while counting). The
+  counts are taken on a copy of the model on PyTorch's ``meta`` device (shapes only, no arithmetic), so
+  they are exact and cost no time; they are the hard numbers;
+* the median wall time of a step over ``--rounds`` steps of one sampling call, with its spread (min-max);
 * the added FLOPs over no adapter, as a percentage, and as a ratio to the floor: the attention over the image
   tokens alone (q·K_ipᵀ and A·V_ip at every cross-attention layer), which any implementation must pay.
 
 diffusers runs the image projection inside every UNet call; ours runs it (and every layer's K/V) once per
 sampling call, so our per-step extra should sit on that floor.
 
-Run: ``python benchmarks/step_cost.py [--steps 5] [--threads N]``.
+Run: ``python benchmarks/step_cost.py [--kinds base,plus,faceid-plus] [--images 1,4,16] [--rounds 3]
+[--threads N] [--no-time]``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -38,29 +43,40 @@ SD15_UNET = dict(
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 LATENT = 32
 BATCH = 2  # uncond + cond
+# benchmark kind → tiny_adapters variant (real widths)
+VARIANTS = {"base": "sd15", "plus": "sd15-plus", "faceid-plus": "faceid-plus-sd15"}
 
 
-def build_unet():
+def build_unet(device: str = "cpu"):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(**SD15_UNET).eval()
+    with torch.device(device):
+        return UNet2DConditionModel(**SD15_UNET).eval()
 
 
-def features(kind: str, images: int) -> Embeds:
+def features(kind: str, images: int, device: str = "cpu") -> Embeds:
+    """Random encoder features of ``images`` references at the real widths (ViT-H: 1024 / 257×1280)."""
     g = torch.Generator().manual_seed(1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
     if kind == "base":
-        cond = torch.randn(images, 1024, generator=g)
+        cond = randn(images, 1024)
         return Embeds(cond=cond, uncond=torch.zeros_like(cond), feature="image_embeds")
-    cond = torch.randn(images, 257, 1280, generator=g)
-    return Embeds(cond=cond, uncond=torch.randn(images, 257, 1280, generator=g), feature="hidden_states")
+    if kind == "plus":
+        return Embeds(cond=randn(images, 257, 1280), uncond=randn(images, 257, 1280), feature="hidden_states")
+    face = torch.nn.functional.normalize(randn(images, 512), dim=-1)
+    return Embeds(cond=face, uncond=torch.zeros_like(face), feature="face",
+                  clip_cond=randn(images, 257, 1280), clip_uncond=randn(images, 257, 1280))
 
 
-def unet_inputs():
+def unet_inputs(device: str = "cpu"):
     g = torch.Generator().manual_seed(2)
-    sample = torch.randn(BATCH, 4, LATENT, LATENT, generator=g)
-    text = torch.randn(BATCH, 77, 768, generator=g)
-    return sample, text
+    sample = torch.randn(BATCH, 4, LATENT, LATENT, generator=g).to(device)
+    text = torch.randn(BATCH, 77, 768, generator=g).to(device)
+    return sample, text, torch.tensor([500.0], device=device)
 
 
 def count_flops(fn) -> int:
@@ -69,13 +85,14 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def time_steps(fn, steps: int) -> float:
+def time_steps(fn, rounds: int) -> tuple[float, float, float]:
+    """(median, min, max) seconds of ``rounds`` calls."""
     times = []
-    for _ in range(steps):
+    for _ in range(rounds):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), min(times), max(times)
 
 
 def attn2_query_lengths(unet, run) -> dict[str, int]:
@@ -108,61 +125,46 @@ def image_attention_floor(unet, lengths: dict[str, int], tokens: int) -> int:
     return flops
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--images", type=int, default=1)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
+class Bench:
+    """One UNet on one device with diffusers' and our ways of running an adapter on it."""
 
-    unet = build_unet()
-    sample, text = unet_inputs()
-    t = torch.tensor([500.0])
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.unet = build_unet(device)
+        self.sample, self.text, self.t = unet_inputs(device)
 
-    def plain():
-        return unet(sample, t, encoder_hidden_states=text).sample
+    def plain(self):
+        return self.unet(self.sample, self.t, encoder_hidden_states=self.text).sample
 
-    lengths = attn2_query_lengths(unet, plain)
-    base_flops = count_flops(plain)
-    base_time = time_steps(plain, args.steps)
-    print(f"{'config':<22}{'GFLOPs/step':>12}{'+FLOPs':>9}{'x floor':>9}{'ms/step':>10}{'x time':>8}")
-    print(f"{'no adapter':<22}{base_flops / 1e9:>12.2f}{'':>9}{'':>9}{base_time * 1e3:>10.0f}{1.0:>8.3f}")
-
-    for kind, variant in (("base", "sd15"), ("plus", "sd15-plus")):
-        state_dict = random_state_dict(variant, widths="real", seed=3)
-        adapter = from_state_dict(state_dict, f"<random {variant}>")
-        embeds = features(kind, args.images)
-        floor = image_attention_floor(unet, lengths, adapter.spec.tokens * args.images)
-
-        # diffusers: its processors and projection, projection re-run inside every UNet call.
-        unet._load_ip_adapter_weights([state_dict])
+    @contextlib.contextmanager
+    def diffusers(self, kind: str, state_dict: dict, embeds: Embeds):
+        """A step function running diffusers' IP-Adapter (projection inside every UNet call)."""
+        self.unet._load_ip_adapter_weights([state_dict])
         # diffusers' layout: [CFG batch, images, ...] with the uncond half first
         image_embeds = torch.stack([embeds.uncond, embeds.cond])
+        if kind == "faceid-plus":
+            projection = self.unet.encoder_hid_proj.image_projection_layers[0]
+            projection.clip_embeds = torch.stack([embeds.clip_uncond, embeds.clip_cond])
+            projection.shortcut = False
 
-        def with_diffusers():
-            return unet(sample, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [image_embeds]}).sample
+        def step():
+            return self.unet(self.sample, self.t, encoder_hidden_states=self.text,
+                             added_cond_kwargs={"image_embeds": [image_embeds]}).sample
 
-        d_flops = count_flops(with_diffusers)
-        d_time = time_steps(with_diffusers, args.steps)
-        _restore_plain(unet)
+        try:
+            yield step
+        finally:
+            _restore_plain(self.unet)
 
-        # ours: projection and K/V once per sampling call, then steady-state steps.
-        model = DiffusersModel(unet=unet, family="sd15", scheduler_config=SCHEDULE,
+    @contextlib.contextmanager
+    def ours(self, adapter, embeds: Embeds):
+        """A step function running ours after the first step of a sampling call (projection + K/V done)."""
+        model = DiffusersModel(unet=self.unet, family="sd15", scheduler_config=SCHEDULE,
                                applications=(Application(adapter=adapter, embeds=embeds),))
         with patched_unet(model) as state:
             state.sigma, state.cond_or_uncond = 1.0, [1, 0]
-            plain()  # first step: projection + K/V
-            o_flops = count_flops(plain)
-            o_time = time_steps(plain, args.steps)
-
-        for label, flops, seconds in ((f"diffusers {kind}", d_flops, d_time), (f"ours {kind}", o_flops, o_time)):
-            extra = flops - base_flops
-            print(f"{label:<22}{flops / 1e9:>12.2f}{100 * extra / base_flops:>8.2f}%{extra / floor:>9.2f}"
-                  f"{seconds * 1e3:>10.0f}{seconds / base_time:>8.3f}")
-        print(f"{'  floor ' + kind:<22}{floor / 1e9:>12.3f}{100 * floor / base_flops:>8.2f}%")
+            self.plain()  # first step: projection + K/V
+            yield self.plain
 
 
 def _restore_plain(unet) -> None:
@@ -172,6 +174,77 @@ def _restore_plain(unet) -> None:
     unet.set_attn_processor(AttnProcessor2_0())
     unet.encoder_hid_proj = None
     unet.register_to_config(encoder_hid_dim_type=None)
+
+
+def _state_dict(kind: str, device: str) -> dict:
+    """A random adapter of ``kind`` at the real shapes; FaceID's attention LoRA left out (it changes UNet
+    weights, not the per-step attention, and diffusers loads it separately)."""
+    state = random_state_dict(VARIANTS[kind], widths="real", device=device, seed=3)
+    state["ip_adapter"] = {k: v for k, v in state["ip_adapter"].items() if "lora" not in k}
+    return state
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kinds", default="base,plus,faceid-plus", help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--images", default="1,4,16", help="reference image counts")
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per configuration")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--no-time", action="store_true", help="FLOPs only (no CPU model is built)")
+    args = parser.parse_args()
+    kinds, counts = _csv(args.kinds), [int(n) for n in _csv(args.images)]
+    unknown = [k for k in kinds if k not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown kinds {unknown}; expected some of {', '.join(VARIANTS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+
+    meta = Bench("meta")
+    timed = None if args.no_time else Bench("cpu")
+    lengths = attn2_query_lengths(meta.unet, meta.plain)
+    base_flops = count_flops(meta.plain)
+    base_time = time_steps(timed.plain, args.rounds) if timed else None
+    print(f"SD1.5 UNet, fp32, latents {LATENT}x{LATENT}, CFG batch {BATCH}, {torch.get_num_threads()} threads; "
+          f"times: median (min-max) of {args.rounds} steps")
+    print(f"{'config':<28}{'GFLOPs/step':>12}{'+FLOPs':>9}{'x floor':>9}{'s/step':>8}{'(min-max)':>14}{'x time':>8}")
+    _row("no adapter", base_flops, None, None, base_time, base_time)
+
+    for kind in kinds:
+        for images in counts:
+            results = {}
+            for label, bench in (("flops", meta), ("time", timed)):
+                if bench is None:
+                    continue
+                state_dict = _state_dict(kind, bench.device)
+                adapter = from_state_dict(state_dict, f"<random {VARIANTS[kind]}>")
+                embeds = features(kind, images, bench.device)
+                measure = count_flops if label == "flops" else (lambda fn: time_steps(fn, args.rounds))
+                with bench.diffusers(kind, state_dict, embeds) as step:
+                    results["diffusers", label] = measure(step)
+                with bench.ours(adapter, embeds) as step:
+                    results["ours", label] = measure(step)
+                floor = image_attention_floor(meta.unet, lengths, adapter.spec.tokens * images)
+            for who in ("diffusers", "ours"):
+                _row(f"{who} {kind} x{images}", results[who, "flops"], base_flops, floor,
+                     results.get((who, "time")), base_time)
+            ratio = (results["diffusers", "flops"] - base_flops) / max(1, results["ours", "flops"] - base_flops)
+            print(f"{'  floor':<28}{floor / 1e9:>12.3f}{100 * floor / base_flops:>8.2f}%"
+                  f"   diffusers/ours added FLOPs: {ratio:.1f}x")
+
+
+def _row(label: str, flops: int, base_flops: int | None, floor: int | None, timing, base_time) -> None:
+    extra = "" if base_flops is None else f"{100 * (flops - base_flops) / base_flops:>8.2f}%"
+    over = "" if floor is None else f"{(flops - base_flops) / floor:>9.2f}"
+    line = f"{label:<28}{flops / 1e9:>12.2f}{extra:>9}{over:>9}"
+    if timing is not None:
+        median, low, high = timing
+        line += f"{median:>8.2f}{f'({low:.2f}-{high:.2f})':>14}{median / base_time[0]:>8.3f}"
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from . import masks, weighting
+from . import masks, memo, weighting
 from .application import Application
 from .embeds import COMBINE_MODES, Embeds, combine_embeds, encode_for_adapter
 from .weighting import LayerWeights
@@ -47,6 +47,12 @@ def load_clip_vision(path: str) -> Any:
     from . import encode
 
     return encode.load_clip_vision(path)
+
+
+def load_clip_vision_on_demand(path: str) -> Any:
+    """A ClipVision of ``path`` that holds its weights only while encoding (``core.memo.on_demand_clip_vision``):
+    the loaders' ``free_clip_vision`` option; the encoder memo keeps the outputs."""
+    return memo.on_demand_clip_vision(path)
 
 
 def reuse_or_load(mine: dict, lent: dict | None, path: str, load: Callable[[str], Any]) -> dict:
@@ -239,7 +245,8 @@ def encode_images(adapter: Any, clip_vision: Any, image: torch.Tensor, image_neg
     count = image.shape[0]
     size = int(encode_batch_size) or count
     parts = []
-    with _named(node):
+    # one session over every chunk: an on-demand encoder loads its weights once, not once per chunk
+    with _named(node), memo.encoder_session(clip_vision):
         for start in range(0, count, size):
             negative = image_negative
             if negative is not None and negative.shape[0] == count and size < count:

@@ -213,7 +213,8 @@ class AdapterHandle:
     def _weight_fields(self, weight_type: str | Mapping[str, Any], frames: list[float],
                        boost: float | None) -> dict:
         """Application weight fields for ``weight_type`` at each frame weight (one frame: no per-frame table)."""
-        from .weighting import LayerWeights, block_scales_to_layer_weights, layer_weights
+        from .block_scales import block_scales_to_layer_weights
+        from .weighting import LayerWeights, layer_weights
 
         family = self.adapter.spec.family
         if isinstance(weight_type, Mapping):

@@ -49,7 +49,11 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-class AdapterFileError(ValueError):
+class ModelFileError(ValueError):
+    """A model file is unreadable (truncated, corrupt) or unsafe (a pickle that would run code)."""
+
+
+class AdapterFileError(ModelFileError):
     """An IP-Adapter file is missing, unreadable, unsafe or not an IP-Adapter; the message names the file."""
 
 
@@ -113,7 +117,7 @@ def _container_of(path: Path) -> str:
 def _read_safetensors(path: Path, meta: bool) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    _check_safetensors_size(path)
+    check_safetensors_file(path, "IP-Adapter file", AdapterFileError)
     try:
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt", device="cpu") as handle:
@@ -134,35 +138,67 @@ def _read_safetensors(path: Path, meta: bool) -> dict[str, torch.Tensor]:
         ) from error
 
 
-def _check_safetensors_size(path: Path) -> None:
-    """Compare the size the header promises with the file size, so a cut-off download is named as such."""
+def check_safetensors_file(path: str | os.PathLike, what: str = "model file",
+                           error: type[Exception] = ModelFileError) -> None:
+    """Refuse a cut-off or corrupt ``.safetensors`` file before its reader does, with a message that names
+    the file (``what 'name'``), what its header promised and what was found.
+
+    Compares the size the header promises with the file size, so a cut-off download is named as such.
+    """
     import json
 
+    path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as handle:
         raw = handle.read(8)
         if len(raw) < 8:
-            raise AdapterFileError(f"IP-Adapter file '{path.name}' is empty or cut off ({size} bytes)")
+            raise error(f"{what} '{path.name}' is empty or cut off ({size} bytes); download it again")
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > size - 8:
-            raise AdapterFileError(
-                f"IP-Adapter file '{path.name}' is truncated or corrupt: its safetensors header claims "
+            raise error(
+                f"{what} '{path.name}' is truncated or corrupt: its safetensors header claims "
                 f"{header_len} bytes but the file has {size}; download it again"
             )
         try:
             header = json.loads(handle.read(header_len))
-        except ValueError as error:
-            raise AdapterFileError(
-                f"IP-Adapter file '{path.name}' has a corrupt safetensors header ({error}); download it again"
-            ) from error
+        except ValueError as exc:
+            raise error(
+                f"{what} '{path.name}' has a corrupt safetensors header ({exc}); download it again"
+            ) from exc
+    if not isinstance(header, dict):
+        raise error(f"{what} '{path.name}' has a corrupt safetensors header (a JSON "
+                    f"{type(header).__name__}, expected an object); download it again")
     ends = [entry["data_offsets"][1] for key, entry in header.items()
-            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+            if key != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2 and isinstance(entry["data_offsets"][1], int)]
     needed = 8 + header_len + max(ends, default=0)
     if needed > size:
-        raise AdapterFileError(
-            f"IP-Adapter file '{path.name}' is truncated: the safetensors header describes {needed} bytes "
+        raise error(
+            f"{what} '{path.name}' is truncated: the safetensors header describes {needed} bytes "
             f"but the file has only {size}; it was probably cut off while downloading, download it again"
         )
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "model file",
+                     error: type[Exception] = ModelFileError) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, string metadata) of a ``.safetensors`` file; any damage raises ``error`` naming the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    check_safetensors_file(path, what, error)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+    except Exception as exc:  # safetensors raises its own (Rust) error type for every corruption
+        raise error(f"{what} '{path.name}' is not a readable safetensors file ({exc}); it is probably "
+                    f"truncated or corrupt: download it again") from exc
+
+
+def load_torch_weights(path: str | os.PathLike, what: str = "model file",
+                       error: type[Exception] = ModelFileError) -> object:
+    """``torch.load(weights_only=True)`` of a pickled checkpoint; a pickle that would import or call code is
+    refused (never run) and any damage raises ``error`` naming the file and what to do."""
+    return _read_torch(Path(path), mmap=False, what=what, error=error)
 
 
 def _weights_only_detail(text: str) -> str:
@@ -170,38 +206,39 @@ def _weights_only_detail(text: str) -> str:
     return found.group(1).strip() if found else "unsupported content"
 
 
-def _read_torch(path: Path, mmap: bool) -> object:
+def _read_torch(path: Path, mmap: bool, what: str = "IP-Adapter file",
+                error: type[Exception] = AdapterFileError) -> object:
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as error:
-            if mmap and "mmap" in str(error):  # legacy (non-zip) pickles cannot be memory-mapped
+        except RuntimeError as exc:
+            if mmap and "mmap" in str(exc):  # legacy (non-zip) pickles cannot be memory-mapped
                 return torch.load(path, map_location="cpu", weights_only=True)
             raise
-    except pickle.UnpicklingError as error:
-        text = str(error)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
         if "weights only load failed" in text.lower():
             found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
             if found:
-                raise AdapterFileError(
-                    f"refusing to unpickle IP-Adapter file '{path.name}': it asks to run Python code "
-                    f"('{found.group(1)}'), not just to load tensors. Use a .safetensors copy of this adapter, "
+                raise error(
+                    f"refusing to unpickle {what} '{path.name}': it asks to run Python code "
+                    f"('{found.group(1)}'), not just to load tensors. Use a .safetensors copy of this file, "
                     f"or convert it to .safetensors on a machine where you trust the file"
-                ) from error
-            raise AdapterFileError(
-                f"refusing to unpickle IP-Adapter file '{path.name}': the safe (weights-only) loader cannot read "
+                ) from exc
+            raise error(
+                f"refusing to unpickle {what} '{path.name}': the safe (weights-only) loader cannot read "
                 f"it ({_weights_only_detail(text)}). It is corrupt, or a pickle holding more than tensors; "
                 f"download it again or convert it to .safetensors"
-            ) from error
-        raise AdapterFileError(
-            f"IP-Adapter file '{path.name}' is not a readable torch checkpoint ({error}); it is probably "
+            ) from exc
+        raise error(
+            f"{what} '{path.name}' is not a readable torch checkpoint ({exc}); it is probably "
             f"corrupt or truncated: download it again"
-        ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise AdapterFileError(
-            f"IP-Adapter file '{path.name}' is not a readable torch checkpoint ({error}); it is probably "
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise error(
+            f"{what} '{path.name}' is not a readable torch checkpoint ({exc}); it is probably "
             f"corrupt or truncated: download it again"
-        ) from error
+        ) from exc
 
 
 # ----------------------------------------------------------------------------------------------------

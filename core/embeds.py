@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from . import memo
 from .attention import fit_batch
 
 # What each adapter kind (AdapterSpec.kind) feeds its projection: the main feature, and whether a
@@ -105,7 +106,16 @@ def _black_image(clip_vision: Any, batch: int) -> torch.Tensor:
 
 def _encode_side(clip_vision: Any, feature: str, images: torch.Tensor, image_negative: torch.Tensor | None,
                  uncond: str, crop: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond) CLIP features of ``images`` for ``feature`` ("image_embeds" or "hidden_states")."""
+    """(cond, uncond) CLIP features of ``images`` for ``feature``, memoized by image content, encoder and
+    preprocessing (:mod:`core.memo`): a re-run that changes only weights runs no encoder forward."""
+    parts = (feature, uncond, bool(crop), memo.tensor_key(images), memo.tensor_key(image_negative))
+    return memo.memoized("clip_vision", clip_vision, parts,
+                         lambda: _encode_side_uncached(clip_vision, feature, images, image_negative, uncond, crop))
+
+
+def _encode_side_uncached(clip_vision: Any, feature: str, images: torch.Tensor,
+                          image_negative: torch.Tensor | None, uncond: str, crop: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     count = images.shape[0]
     cond = _select(clip_vision.encode(images, crop=crop), feature).float()
     if image_negative is not None:
@@ -141,6 +151,14 @@ def encode_for_adapter(
     """
     if uncond not in UNCOND_MODES:
         raise ValueError(f"uncond mode {uncond!r} is not known; expected one of {list(UNCOND_MODES)}")
+    # an on-demand encoder (the loaders' free_clip_vision option) lets go of its weights when this ends
+    with memo.encoder_session(clip_vision):
+        return _encode_for_adapter(clip_vision, adapter_spec, images, image_negative, uncond, face_embeds, crop)
+
+
+def _encode_for_adapter(clip_vision: Any, adapter_spec: Any, images: torch.Tensor | None,
+                        image_negative: torch.Tensor | None, uncond: str, face_embeds: torch.Tensor | None,
+                        crop: bool) -> Embeds:
     feature, with_clip = feature_for(adapter_spec)
     if feature == "face":
         if face_embeds is None:

@@ -82,6 +82,7 @@ def preprocess_image(image: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=C
         image = image.unsqueeze(0)
     if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"CLIP vision preprocessing expects an IMAGE [B,H,W,C] with C=3, got {tuple(image.shape)}")
+    _check_pixels(image)
     image = image[..., :3] if image.shape[-1] == 4 else image.expand(*image.shape[:3], 3)
     pixels = image.movedim(-1, 1).float()
     height, width = pixels.shape[2], pixels.shape[3]
@@ -98,6 +99,22 @@ def preprocess_image(image: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=C
     mean_t = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
     return (pixels - mean_t) / std_t
+
+
+def _check_pixels(image: torch.Tensor) -> None:
+    """Refuse an empty batch and NaN/inf pixels: either would only surface later as a meaningless shape
+    error or as an all-NaN (black) result, far from the node that made the image."""
+    if image.shape[0] == 0 or image.numel() == 0:
+        raise ValueError(f"CLIP vision encoder: the IMAGE batch is empty (shape {tuple(image.shape)}); expected at "
+                         f"least one image. Check the node that feeds 'image' (an empty batch or a filter that "
+                         f"dropped every image)")
+    finite = torch.isfinite(image)
+    if not bool(finite.all()):
+        bad = (~finite).flatten(1).sum(dim=1)
+        which = [i for i, n in enumerate(bad.tolist()) if n]
+        raise ValueError(f"CLIP vision encoder: image(s) {which[:8]}{'...' if len(which) > 8 else ''} of the batch "
+                         f"hold {int(bad.sum())} NaN or infinite value(s); expected pixel values in 0..1. The node "
+                         f"that made the image produced invalid values: fix or replace it")
 
 
 class ClipVision:
@@ -163,12 +180,12 @@ _CACHE_LOCK = threading.Lock()
 
 
 def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if path.lower().endswith((".safetensors", ".sft")):
-        from safetensors import safe_open
+    from .checkpoint import load_torch_weights, read_safetensors
 
-        with safe_open(path, framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
-    data = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    # Damaged files and pickles that would run code raise ModelFileError naming the file.
+    if path.lower().endswith((".safetensors", ".sft")):
+        return read_safetensors(path, "CLIP vision file")
+    data = load_torch_weights(path, "CLIP vision file")  # weights_only: never unpickle arbitrary objects
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
@@ -274,6 +291,14 @@ def load_clip_vision(path: str | os.PathLike, dtype: torch.dtype = torch.float32
             del _CACHE[stale]
         _CACHE[key] = clip_vision
         return clip_vision
+
+
+def forget_clip_vision(path: str | os.PathLike) -> None:
+    """Drop the cached encoder(s) loaded from ``path`` so their weights can be freed."""
+    real = os.path.realpath(path)
+    with _CACHE_LOCK:
+        for key in [k for k in _CACHE if k[0] == real]:
+            del _CACHE[key]
 
 
 # ----------------------------------------------------------------------------------------------- interop

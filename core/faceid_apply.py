@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import faceid
+from . import faceid, memo
 from .attention import fit_batch
 from .embeds import Embeds, encode_for_adapter, feature_for
 
@@ -147,8 +147,8 @@ def encode_faces(adapter: Any, insightface: Any, image: torch.Tensor, *, clip_vi
     spec = adapter.spec
     size = crop_size(spec.family)
     try:
-        analysis = faceid.analyze_faces(insightface, image, crop_size=size, face_index=_face_index(face_index),
-                                        on_no_face=on_no_face, normed=spec.kind != "portrait-unnorm")
+        analysis = analyze_faces_memoized(insightface, image, crop_size=size, face_index=_face_index(face_index),
+                                          on_no_face=on_no_face, normed=spec.kind != "portrait-unnorm")
     except (faceid.FaceNotFoundError, IndexError) as error:
         raise type(error)(f"{node}: {error}") from None
     found = tuple(analysis.found)
@@ -166,6 +166,18 @@ def encode_faces(adapter: Any, insightface: Any, image: torch.Tensor, *, clip_vi
     if keep_rows and not all(found):
         embeds = _rows_per_image(embeds, analysis.image_index, len(found))
     return FaceEmbeds(embeds, analysis.crops, found)
+
+
+def analyze_faces_memoized(insightface: Any, image: torch.Tensor, *, crop_size: int, face_index: int | None,
+                           on_no_face: str, normed: bool) -> faceid.FaceAnalysis:
+    """:func:`core.faceid.analyze_faces`, memoized by image content, InsightFace pack and every option
+    (:mod:`core.memo`): a re-run that changes only weights runs no detection or recognition.
+
+    A result is shared between callers: treat its tensors as read-only (a changed one is recomputed).
+    """
+    parts = (memo.tensor_key(image), int(crop_size), face_index, on_no_face, bool(normed), faceid.DET_SIZES)
+    return memo.memoized("insightface", insightface, parts, lambda: faceid.analyze_faces(
+        insightface, image, crop_size=crop_size, face_index=face_index, on_no_face=on_no_face, normed=normed))
 
 
 def _rows_per_image(embeds: Embeds, rows: Sequence[int], count: int) -> Embeds:

@@ -1,37 +1,32 @@
 """Per-layer weights of an IP-Adapter: weight types, style & composition, Mad-Scientist layer weights.
 
-**Our layer index** (shared with the engine): layer ``i`` is the i-th cross-attention (attn2) layer of the
-UNet in diffusers' ``attn_processors`` order, down blocks, then up blocks, then the mid block last; it is the
-checkpoint's ``ip_adapter.{2i+1}`` and ``core.adapter.attn2_layer_names(family)[i]``.  SD1.5 has 16 layers,
-SDXL 70.
-
-**The pack's block index** ``t`` (ComfyUI_IPAdapter_plus's ``transformer_index``, which its weight types and
-its ``layer_weights`` text use) counts attention *modules* (``attentions.K``) in the order down, mid, up:
-
-* SD1.5 (one transformer layer per module): t 0-5 = our layers 0-5 (down_blocks.0-2), t 6 = our layer 15
-  (mid_block), t 7-15 = our layers 6-14 (up_blocks.1-3).
-* SDXL: t 0 = layers 0-1 (down_blocks.1.attentions.0), t 1 = 2-3, t 2 = 4-13 (down_blocks.2.attentions.0),
-  t 3 = 14-23 (down_blocks.2.attentions.1), t 4 = 60-69 (mid_block), t 5 = 24-33 (up_blocks.0.attentions.0),
-  t 6 = 34-43 (up_blocks.0.attentions.1), t 7 = 44-53, t 8 = 54-55, t 9 = 56-57, t 10 = 58-59
-  (up_blocks.1.attentions.0-2).  All transformer layers of a module share its weight, as in the pack.
+Weights are given per layer in **our layer index**; the pack's rules name layers by **its block index**
+``t``.  Both numberings and their translation are in ``core.block_index``.
 
 Each rule of the pack is applied to the layers of the block it names.  Unlike the pack, whose middle-block
 patch never runs (its known regression), the middle block here gets the weight its rule gives it
 (e.g. ``weak middle`` really weakens it, ``ease in`` gives it the ramp value of t 6 / t 4).
 
-The tables themselves are data in ``core.weight_tables``.
+The tables themselves are data in ``core.weight_tables``; InstantStyle's block-scale dicts are read by
+``core.block_scales`` (its public names are re-exported here).
 """
 from __future__ import annotations
 
-import ast
-import functools
-import json
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from . import weight_tables as tables
-from .adapter import FAMILY_LABELS, attn2_layer_names
+from .adapter import FAMILY_LABELS
+from .block_index import AttentionModule, attention_modules, check_family, pack_block_index, pack_block_modules
+from .block_scales import BlockScales, block_scales_to_layer_weights, parse_block_scales, valid_block_keys
+
+__all__ = [
+    "WEIGHT_TYPES", "INTERNAL_WEIGHT_TYPES", "PRECISE_TYPES", "LayerWeights", "layer_weights",
+    "composition_layers", "style_composition_weights", "parse_layer_weights",
+    # re-exported from core.block_index and core.block_scales, where they live
+    "AttentionModule", "attention_modules", "pack_block_modules", "pack_block_index",
+    "BlockScales", "block_scales_to_layer_weights", "parse_block_scales", "valid_block_keys",
+]
 
 # The 15 options of the pack's weight_type combo, in its order (the first is the default).
 WEIGHT_TYPES: tuple[str, ...] = (
@@ -86,66 +81,12 @@ class LayerWeights:
 
 
 # ----------------------------------------------------------------------------------------------------
-# the UNet's attention modules; our layers <-> the pack's block index
-
-
-@dataclass(frozen=True)
-class AttentionModule:
-    """One ``attentions.K`` module: section ("down", "mid", "up"), block number, K, and our layers in it."""
-
-    section: str
-    block: int
-    index: int
-    layers: tuple[int, ...]
-
-
-_LAYER_NAME = re.compile(r"^(?:(down|up)_blocks\.(\d+)|(mid)_block)\.attentions\.(\d+)\.")
-
-
-@functools.lru_cache(maxsize=None)
-def attention_modules(family: str) -> tuple[AttentionModule, ...]:
-    """The attention modules of a ``family`` UNet in our order (down, up, mid), read off the layer names."""
-    _check_family(family)
-    layers: dict[tuple[str, int, int], list[int]] = {}
-    for i, name in enumerate(attn2_layer_names(family)):
-        match = _LAYER_NAME.match(name)
-        section = match.group(1) or match.group(3)
-        block = int(match.group(2) or 0)
-        layers.setdefault((section, block, int(match.group(4))), []).append(i)
-    return tuple(AttentionModule(s, b, k, tuple(v)) for (s, b, k), v in layers.items())
-
-
-@functools.lru_cache(maxsize=None)
-def pack_block_modules(family: str) -> tuple[AttentionModule, ...]:
-    """The attention modules in the pack's order (down, mid, up); position = the pack's block index t."""
-    modules = attention_modules(family)
-    rank = {"down": 0, "mid": 1, "up": 2}
-    return tuple(sorted(modules, key=lambda m: (rank[m.section], modules.index(m))))
-
-
-@functools.lru_cache(maxsize=None)
-def pack_block_index(family: str) -> tuple[int, ...]:
-    """For every layer in our order, the pack's block index t (see the module docstring)."""
-    index = [0] * len(attn2_layer_names(family))
-    for t, module in enumerate(pack_block_modules(family)):
-        for layer in module.layers:
-            index[layer] = t
-    return tuple(index)
-
-
-def _check_family(family: str) -> None:
-    if family not in tables.BLOCK_COUNT:
-        raise ValueError(f"per-layer weights: unknown model family {family!r}; "
-                         f"expected one of {', '.join(repr(f) for f in tables.BLOCK_COUNT)}")
+# weight types
 
 
 def _section_of_layers(family: str) -> tuple[str, ...]:
     sections = [module.section for module in pack_block_modules(family)]
     return tuple(sections[t] for t in pack_block_index(family))
-
-
-# ----------------------------------------------------------------------------------------------------
-# weight types
 
 
 def layer_weights(weight_type: str, weight: float, family: str, *, boost: float | None = None,
@@ -159,7 +100,7 @@ def layer_weights(weight_type: str, weight: float, family: str, *, boost: float 
     does not name get 0; the type then only matters when it is a precise type, whose swap still applies
     (as in the pack, which forces ``linear`` otherwise).  An empty ``custom`` counts as none.
     """
-    _check_family(family)
+    check_family(family)
     known = WEIGHT_TYPES + INTERNAL_WEIGHT_TYPES
     if weight_type not in known:
         raise ValueError(f"unknown weight_type {weight_type!r}; expected one of: {', '.join(known)}")
@@ -214,7 +155,7 @@ def _swap(cond: list[float], weight_type: str, family: str) -> LayerWeights:
 
 def composition_layers(family: str) -> tuple[int, ...]:
     """Our layers of the composition (layout) blocks: SDXL 14-23, SD1.5 4-5 (down_blocks.2)."""
-    _check_family(family)
+    check_family(family)
     composition = tables.COMPOSITION_BLOCKS[family]
     return tuple(i for i, t in enumerate(pack_block_index(family)) if t in composition)
 
@@ -260,7 +201,7 @@ def parse_layer_weights(text: str, family: str) -> dict[int, float]:
     empty items are skipped, so blank text gives {} (= no custom weights).  A repeated index keeps its last
     value, as the pack's dict does.  The values are multipliers of the node weight (see ``layer_weights``).
     """
-    _check_family(family)
+    check_family(family)
     count = tables.BLOCK_COUNT[family]
     modules = pack_block_modules(family)
     by_block: dict[int, float] = {}
@@ -284,136 +225,3 @@ def _read_number(kind: type, text: str, what: str, expected: str) -> Any:
         return kind(text.strip())
     except ValueError:
         raise ValueError(f"{what} {text.strip()!r} is not {expected}") from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# InstantStyle block scales: diffusers' set_ip_adapter_scale dict form
-
-_SECTIONS = ("down", "mid", "up")
-BlockScales = float | Mapping[str, Any]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def valid_block_keys(family: str) -> str:
-    """The keys a block-scales dict may use on ``family``, for error messages and node tooltips."""
-    parts = []
-    for section in _SECTIONS:
-        modules = [m for m in attention_modules(family) if m.section == section]
-        if section == "mid":
-            parts.append("'mid' (a number or a 1-item list)")
-            continue
-        blocks = sorted({m.block for m in modules})
-        per_block = len(modules) // len(blocks)
-        names = ", ".join(f"'block_{b}'" for b in blocks)
-        parts.append(f"'{section}' -> {names} (a number or a list of {per_block}, one per attention module)")
-    return f"{FAMILY_LABELS[family]}: " + "; ".join(parts)
-
-
-def block_scales_to_layer_weights(scales: BlockScales, family: str) -> tuple[float, ...]:
-    """Per-layer weights (our order) of an InstantStyle / diffusers ``set_ip_adapter_scale`` config.
-
-    ``scales`` is a number (every layer) or a dict with the keys ``"down"``, ``"mid"``, ``"up"``, expanded
-    as diffusers does: a section may be a number (all its attention modules), a list (one value per
-    attention module, for every block of the section) or a dict of ``"block_N"`` entries, each a number or a
-    list with one value per attention module of that block (a 1-item list is broadcast); ``"mid"`` is a
-    number or a 1-item list; whatever the dict does not name gets 0.  All transformer layers of a module
-    share its value (diffusers has no per-transformer-layer form).  Unlike diffusers, which silently
-    zeroes a block it does not know (``{"up": {"block_0": ...}}`` on SD1.5), a key that names no block with
-    attention is an error listing the valid keys.  Per-image nested lists (diffusers' masked multi-image
-    form) are refused: one application has one weight per layer.
-    """
-    _check_family(family)
-    if _is_number(scales):
-        return (float(scales),) * len(attn2_layer_names(family))
-    if not isinstance(scales, Mapping):
-        raise ValueError(f"block scales: expected a number or a dict like "
-                         f"{{\"up\": {{\"block_0\": [0.0, 1.0, 0.0]}}}}, got {type(scales).__name__} {scales!r}")
-    per_module = {module: 0.0 for module in attention_modules(family)}  # unnamed blocks: 0, as diffusers
-    for section, value in scales.items():
-        if section not in _SECTIONS:
-            raise _unknown_key(repr(section), family)
-        modules = [m for m in per_module if m.section == section]
-        if section == "mid":
-            per_module.update(zip(modules, _module_values(value, 1, "'mid'", broadcast_to=len(modules))))
-            continue
-        blocks: dict[int, list[AttentionModule]] = {}
-        for module in modules:
-            blocks.setdefault(module.block, []).append(module)
-        if not isinstance(value, Mapping):
-            value = {f"block_{b}": value for b in blocks}  # a number or list for the whole section
-        for key, block_value in value.items():
-            match = re.fullmatch(r"block_(\d+)", key) if isinstance(key, str) else None
-            if match is None or int(match.group(1)) not in blocks:
-                raise _unknown_key(f"'{section}' -> {key!r}", family)
-            group = blocks[int(match.group(1))]
-            per_module.update(zip(group, _module_values(block_value, len(group), f"'{section}' -> {key!r}")))
-    weights = [0.0] * len(attn2_layer_names(family))
-    for module, scale in per_module.items():
-        for layer in module.layers:
-            weights[layer] = scale
-    return tuple(weights)
-
-
-def _module_values(value: Any, count: int, where: str, broadcast_to: int | None = None) -> list[float]:
-    """One value per attention module from a number, a 1-item list or a ``count``-item list."""
-    values = value if isinstance(value, (list, tuple)) else [value]
-    for item in values:
-        if not _is_number(item):
-            raise ValueError(f"block scales {where}: expected numbers, found {item!r}"
-                             + (" (per-image nested lists are not supported)" if isinstance(item, list) else ""))
-    if len(values) == 1:
-        return [float(values[0])] * (broadcast_to or count)
-    if len(values) != count:
-        raise ValueError(f"block scales {where}: expected a number or a list of {count} value(s) (one per "
-                         f"attention module), found {len(values)}: {value!r}")
-    return [float(v) for v in values]
-
-
-def _unknown_key(key: str, family: str) -> ValueError:
-    return ValueError(f"block scales: {key} names no block with attention on this model; valid keys are "
-                      f"{valid_block_keys(family)}")
-
-
-def parse_block_scales(text: str) -> BlockScales:
-    """Read a block-scales config from node text: JSON or a Python-style dict (single quotes allowed).
-
-    Returns a number or a dict for ``block_scales_to_layer_weights``.  Nothing is executed: the text is
-    parsed as literals only.  Bad text is an error naming the line and column.
-    """
-    stripped = text.strip()
-    if not stripped:
-        raise ValueError('block scales text is empty; expected e.g. {"up": {"block_0": [0.0, 1.0, 0.0]}} or 1.0')
-    try:
-        value = json.loads(stripped)
-    except (json.JSONDecodeError, RecursionError):
-        try:  # Python-style literals; only parsed here, never evaluated
-            tree = ast.parse(stripped, mode="eval")
-        except (SyntaxError, RecursionError, MemoryError) as error:
-            where = f"line {error.lineno}, column {error.offset}: {error.msg}" \
-                if isinstance(error, SyntaxError) else "nested too deeply"
-            raise ValueError(f"block scales text: bad syntax at {where}") from None
-        value = _literal(tree.body, stripped)
-    if not (_is_number(value) or isinstance(value, dict)):
-        raise ValueError(f"block scales text: expected a dict or a number, found {type(value).__name__}")
-    return value
-
-
-def _literal(node: ast.AST, text: str) -> Any:
-    if isinstance(node, ast.Dict) and all(isinstance(k, ast.Constant) and isinstance(k.value, str)
-                                          for k in node.keys):
-        return {k.value: _literal(v, text) for k, v in zip(node.keys, node.values)}
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_literal(item, text) for item in node.elts]
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)) \
-            and not isinstance(node.value, bool):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        operand = _literal(node.operand, text)
-        if _is_number(operand):
-            return -operand if isinstance(node.op, ast.USub) else operand
-    found = ast.get_source_segment(text, node) or type(node).__name__
-    raise ValueError(f"block scales text: unexpected {found!r} at line {node.lineno}, column "
-                     f"{node.col_offset + 1}; expected a number, a list, a quoted key or a dict")

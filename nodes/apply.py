@@ -1,10 +1,23 @@
-"""Apply nodes: IPAdapter (simple) and IPAdapterAdvanced.  Each returns a new MODEL; the input is untouched."""
+"""Apply nodes: IPAdapter (simple) and IPAdapterAdvanced.  Each returns a new MODEL; the input is untouched.
+
+``apply_pipeline`` is the body every plain apply node shares (here, in the batch, style and legacy nodes).
+"""
 from __future__ import annotations
 
-from ..core import apply as engine
+from typing import Any
 
-_START = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001})
-_END = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})
+from ..core import apply as engine
+from . import inputs
+
+
+def apply_pipeline(node: str, model: Any, ipadapter: Any, clip_vision: Any, image: Any, *,
+                   require_pipeline: bool = False, **options: Any) -> Any:
+    """The new MODEL: the adapter of the node's IPADAPTER input (its CLIP vision unless ``clip_vision`` is
+    connected) applied to ``model`` with ``options``, the keyword arguments of ``core.apply.apply_ipadapter``.
+    """
+    adapter, clip_vision = engine.unpack_pipeline(ipadapter, clip_vision, node=node,
+                                                  require_pipeline=require_pipeline)
+    return engine.apply_ipadapter(model, adapter, clip_vision, image, node=node, **options)
 
 
 class IPAdapterSimple:
@@ -14,17 +27,10 @@ class IPAdapterSimple:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
-                "ipadapter": ("IPADAPTER",),
-                "image": ("IMAGE",),
-                "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05}),
-                "start_at": _START,
-                "end_at": _END,
-                "weight_type": (list(engine.SIMPLE_WEIGHT_TYPES),),
+                **inputs.named("model", "ipadapter", "image", "weight", "start_at", "end_at"),
+                "weight_type": inputs.choice(engine.SIMPLE_WEIGHT_TYPES),
             },
-            "optional": {
-                "attn_mask": ("MASK",),
-            },
+            "optional": inputs.named("attn_mask"),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -32,11 +38,10 @@ class IPAdapterSimple:
     CATEGORY = "ipadapter"
 
     def apply_ipadapter(self, model, ipadapter, image, weight, start_at, end_at, weight_type, attn_mask=None):
-        adapter, clip_vision = engine.unpack_pipeline(ipadapter, None, node="IPAdapter", require_pipeline=True)
-        return (engine.apply_ipadapter(
-            model, adapter, clip_vision, image, weight=weight,
+        return (apply_pipeline(
+            "IPAdapter", model, ipadapter, None, image, require_pipeline=True, weight=weight,
             weight_type=engine.SIMPLE_WEIGHT_TYPES[weight_type], start_at=start_at, end_at=end_at,
-            attn_mask=attn_mask, node="IPAdapter"),)
+            attn_mask=attn_mask),)
 
 
 class IPAdapterAdvanced:
@@ -46,21 +51,11 @@ class IPAdapterAdvanced:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
-                "ipadapter": ("IPADAPTER",),
-                "image": ("IMAGE",),
-                "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05}),
-                "weight_type": (list(engine.WEIGHT_TYPES),),
-                "combine_embeds": (list(engine.COMBINE_EMBEDS),),
-                "start_at": _START,
-                "end_at": _END,
-                "embeds_scaling": (list(engine.EMBEDS_SCALING),),
+                **inputs.named("model", "ipadapter", "image"),
+                "weight": inputs.weight(5.0),
+                **inputs.named("weight_type", "combine_embeds", "start_at", "end_at", "embeds_scaling"),
             },
-            "optional": {
-                "image_negative": ("IMAGE",),
-                "attn_mask": ("MASK",),
-                "clip_vision": ("CLIP_VISION",),
-            },
+            "optional": inputs.reference_optional(),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -70,11 +65,10 @@ class IPAdapterAdvanced:
     def apply_ipadapter(self, model, ipadapter, image, weight=1.0, weight_type="linear", combine_embeds="concat",
                         start_at=0.0, end_at=1.0, embeds_scaling="V only", image_negative=None, attn_mask=None,
                         clip_vision=None):
-        adapter, clip_vision = engine.unpack_pipeline(ipadapter, clip_vision, node="IPAdapterAdvanced")
-        return (engine.apply_ipadapter(
-            model, adapter, clip_vision, image, weight=weight, weight_type=weight_type,
+        return (apply_pipeline(
+            "IPAdapterAdvanced", model, ipadapter, clip_vision, image, weight=weight, weight_type=weight_type,
             combine_embeds=combine_embeds, start_at=start_at, end_at=end_at, embeds_scaling=embeds_scaling,
-            image_negative=image_negative, attn_mask=attn_mask, node="IPAdapterAdvanced"),)
+            image_negative=image_negative, attn_mask=attn_mask),)
 
 
 NODE_CLASS_MAPPINGS = {

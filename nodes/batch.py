@@ -12,15 +12,10 @@ import torch
 from ..core import apply as engine
 from ..core import embeds as embeds_core
 from ..core import enhancer, tiled
+from . import inputs
+from .apply import apply_pipeline
 
-_START = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001})
-_END = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})
-_OPTIONAL = {"image_negative": ("IMAGE",), "attn_mask": ("MASK",), "clip_vision": ("CLIP_VISION",)}
 _ENCODE_BATCH = ("INT", {"default": 0, "min": 0, "max": 4096})
-
-
-def _weight(maximum: float):
-    return ("FLOAT", {"default": 1.0, "min": -1.0, "max": maximum, "step": 0.05})
 
 
 class IPAdapterBatch:
@@ -30,17 +25,12 @@ class IPAdapterBatch:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
-                "ipadapter": ("IPADAPTER",),
-                "image": ("IMAGE",),
-                "weight": _weight(5.0),
-                "weight_type": (list(engine.WEIGHT_TYPES),),
-                "start_at": _START,
-                "end_at": _END,
-                "embeds_scaling": (list(engine.EMBEDS_SCALING),),
+                **inputs.named("model", "ipadapter", "image"),
+                "weight": inputs.weight(5.0),
+                **inputs.named("weight_type", "start_at", "end_at", "embeds_scaling"),
                 "encode_batch_size": _ENCODE_BATCH,
             },
-            "optional": dict(_OPTIONAL),
+            "optional": inputs.reference_optional(),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -50,11 +40,10 @@ class IPAdapterBatch:
     def apply_ipadapter(self, model, ipadapter, image, weight=1.0, weight_type="linear", start_at=0.0, end_at=1.0,
                         embeds_scaling="V only", encode_batch_size=0, image_negative=None, attn_mask=None,
                         clip_vision=None):
-        adapter, clip_vision = engine.unpack_pipeline(ipadapter, clip_vision, node="IPAdapterBatch")
-        return (engine.apply_ipadapter(
-            model, adapter, clip_vision, image, weight=weight, weight_type=weight_type, start_at=start_at,
-            end_at=end_at, embeds_scaling=embeds_scaling, image_negative=image_negative, attn_mask=attn_mask,
-            node="IPAdapterBatch", unfold_batch=True, encode_batch_size=encode_batch_size),)
+        return (apply_pipeline(
+            "IPAdapterBatch", model, ipadapter, clip_vision, image, weight=weight, weight_type=weight_type,
+            start_at=start_at, end_at=end_at, embeds_scaling=embeds_scaling, image_negative=image_negative,
+            attn_mask=attn_mask, unfold_batch=True, encode_batch_size=encode_batch_size),)
 
 
 class IPAdapterTiled:
@@ -66,21 +55,15 @@ class IPAdapterTiled:
     @classmethod
     def INPUT_TYPES(cls):
         required = {
-            "model": ("MODEL",),
-            "ipadapter": ("IPADAPTER",),
-            "image": ("IMAGE",),
-            "weight": _weight(3.0),
-            "weight_type": (list(engine.WEIGHT_TYPES),),
-            "combine_embeds": (list(engine.COMBINE_EMBEDS),),
-            "start_at": _START,
-            "end_at": _END,
-            "sharpening": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05}),
-            "embeds_scaling": (list(engine.EMBEDS_SCALING),),
+            **inputs.named("model", "ipadapter", "image", "weight", "weight_type", "combine_embeds", "start_at",
+                           "end_at"),
+            "sharpening": inputs.fraction(0.0, 0.05),
+            **inputs.named("embeds_scaling"),
         }
         if cls.UNFOLD_BATCH:
             del required["combine_embeds"]
             required["encode_batch_size"] = _ENCODE_BATCH
-        return {"required": required, "optional": dict(_OPTIONAL)}
+        return {"required": required, "optional": inputs.reference_optional()}
 
     RETURN_TYPES = ("MODEL", "IMAGE", "MASK")
     RETURN_NAMES = ("MODEL", "tiles", "masks")
@@ -118,23 +101,17 @@ class IPAdapterClipVisionEnhancer:
     @classmethod
     def INPUT_TYPES(cls):
         required = {
-            "model": ("MODEL",),
-            "ipadapter": ("IPADAPTER",),
-            "image": ("IMAGE",),
-            "weight": _weight(5.0),
-            "weight_type": (list(engine.WEIGHT_TYPES),),
-            "combine_embeds": (list(engine.COMBINE_EMBEDS),),
-            "start_at": _START,
-            "end_at": _END,
-            "embeds_scaling": (list(engine.EMBEDS_SCALING),),
+            **inputs.named("model", "ipadapter", "image"),
+            "weight": inputs.weight(5.0),
+            **inputs.named("weight_type", "combine_embeds", "start_at", "end_at", "embeds_scaling"),
             "enhance_tiles": ("INT", {"default": 2, "min": 1, "max": 16}),
-            "enhance_ratio": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05}),
+            "enhance_ratio": inputs.fraction(1.0, 0.05),
         }
         if cls.UNFOLD_BATCH:
             del required["combine_embeds"]
-            required["enhance_ratio"] = ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05})
+            required["enhance_ratio"] = inputs.fraction(0.5, 0.05)
             required["encode_batch_size"] = _ENCODE_BATCH
-        return {"required": required, "optional": dict(_OPTIONAL)}
+        return {"required": required, "optional": inputs.reference_optional()}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply_ipadapter"

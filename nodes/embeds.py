@@ -17,9 +17,8 @@ from ..core import apply as engine
 from ..core import embeds as embeds_core
 from ..core import embeds_io, enhancer, folders, noise
 from ..core.attention import fit_batch
+from . import inputs
 
-_START = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001})
-_END = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})
 COMBINE_METHODS = ("concat", "add", "subtract", "average", "norm average", "max", "min")
 EMBEDS_EXTENSIONS = (".ipadpt", ".safetensors")
 
@@ -45,19 +44,13 @@ class IPAdapterEmbeds:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
-                "ipadapter": ("IPADAPTER",),
+                **inputs.named("model", "ipadapter"),
                 "pos_embed": ("EMBEDS",),
-                "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05}),
-                "weight_type": (list(engine.WEIGHT_TYPES),),
-                "start_at": _START,
-                "end_at": _END,
-                "embeds_scaling": (list(engine.EMBEDS_SCALING),),
+                **inputs.named("weight", "weight_type", "start_at", "end_at", "embeds_scaling"),
             },
             "optional": {
                 "neg_embed": ("EMBEDS",),
-                "attn_mask": ("MASK",),
-                "clip_vision": ("CLIP_VISION",),
+                **inputs.named("attn_mask", "clip_vision"),
             },
         }
 
@@ -112,14 +105,10 @@ class IPAdapterEncoder:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "ipadapter": ("IPADAPTER",),
-                "image": ("IMAGE",),
-                "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.01}),
+                **inputs.named("ipadapter", "image"),
+                "weight": inputs.weight(step=0.01),
             },
-            "optional": {
-                "mask": ("MASK",),
-                "clip_vision": ("CLIP_VISION",),
-            },
+            "optional": inputs.named("mask", "clip_vision"),
         }
 
     RETURN_TYPES = ("EMBEDS", "EMBEDS")
@@ -169,7 +158,7 @@ class IPAdapterNoise:
         return {
             "required": {
                 "type": (list(noise.NOISE_TYPES),),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05}),
+                "strength": inputs.fraction(1.0, 0.05),
                 "blur": ("INT", {"default": 0, "min": 0, "max": 32, "step": 1}),
             },
             "optional": {

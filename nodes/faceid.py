@@ -10,17 +10,19 @@ import logging
 
 from ..core import apply as engine
 from ..core import faceid, faceid_apply, faceid_lora, presets
+from . import inputs
 
 logger = logging.getLogger(__name__)
 
-_START = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001})
-_END = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})
-_FACE_OPTIONS = {
-    "face_index": ("INT", {"default": -1, "min": -1, "max": 99, "step": 1,
-                           "tooltip": "-1: the largest face; 0, 1, ...: that face counted left to right"}),
-    "on_no_face": (list(faceid_apply.NO_FACE_ACTIONS), {
-        "tooltip": "error: stop and name the image; skip: leave that image out (no face at all: model unchanged)"}),
-}
+
+def _face_options() -> dict:
+    """The optional face widgets, after the existing pack's inputs (old widgets_values still load)."""
+    return {
+        "face_index": ("INT", {"default": -1, "min": -1, "max": 99, "step": 1,
+                               "tooltip": "-1: the largest face; 0, 1, ...: that face counted left to right"}),
+        "on_no_face": inputs.choice(faceid_apply.NO_FACE_ACTIONS, tooltip=(
+            "error: stop and name the image; skip: leave that image out (no face at all: model unchanged)")),
+    }
 
 
 class IPAdapterInsightFaceLoader:
@@ -109,24 +111,11 @@ class IPAdapterFaceID:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
-                "ipadapter": ("IPADAPTER",),
-                "image": ("IMAGE",),
-                "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05}),
-                "weight_faceidv2": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05}),
-                "weight_type": (list(engine.WEIGHT_TYPES),),
-                "combine_embeds": (list(engine.COMBINE_EMBEDS),),
-                "start_at": _START,
-                "end_at": _END,
-                "embeds_scaling": (list(engine.EMBEDS_SCALING),),
+                **inputs.named("model", "ipadapter", "image", "weight"),
+                "weight_faceidv2": inputs.weight(5.0),
+                **inputs.named("weight_type", "combine_embeds", "start_at", "end_at", "embeds_scaling"),
             },
-            "optional": {
-                "image_negative": ("IMAGE",),
-                "attn_mask": ("MASK",),
-                "clip_vision": ("CLIP_VISION",),
-                "insightface": ("INSIGHTFACE",),
-                **_FACE_OPTIONS,
-            },
+            "optional": {**inputs.reference_optional("insightface"), **_face_options()},
         }
 
     RETURN_TYPES = ("MODEL", "IMAGE")
@@ -163,16 +152,10 @@ class IPAdapterFaceIDEncoder:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "ipadapter": ("IPADAPTER",),
-                "image": ("IMAGE",),
-                "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.01}),
+                **inputs.named("ipadapter", "image"),
+                "weight": inputs.weight(step=0.01),
             },
-            "optional": {
-                "image_negative": ("IMAGE",),
-                "clip_vision": ("CLIP_VISION",),
-                "insightface": ("INSIGHTFACE",),
-                **_FACE_OPTIONS,
-            },
+            "optional": {**inputs.named("image_negative", "clip_vision", "insightface"), **_face_options()},
         }
 
     RETURN_TYPES = ("EMBEDS", "EMBEDS", "IMAGE")

@@ -12,14 +12,25 @@ from ..core import apply as engine
 from ..core import embeds as embeds_core
 from ..core import faceid, faceid_apply, legacy
 from . import embeds as embeds_nodes
+from . import inputs
+from .apply import apply_pipeline
 
-_WEIGHT = ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05})
-_NOISE = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01})
-_WEIGHT_TYPE = (list(legacy.WEIGHT_TYPES),)
-_START = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001})
-_END = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})
-_UNFOLD = ("BOOLEAN", {"default": False})
 _CATEGORY = "ipadapter/legacy"
+
+
+def _v1_required(*references: str, weight: tuple | None = None, noise: bool = True, **after: tuple) -> dict:
+    """The v1 apply nodes' required inputs in their widget order: ipadapter, the ``references`` inputs, model,
+    weight, noise (unless ``noise`` is false), the v1 weight_type, start_at, end_at, then ``after`` in order."""
+    required = inputs.named("ipadapter", *references, "model")
+    required["weight"] = weight or inputs.weight()
+    if noise:
+        required["noise"] = inputs.fraction(0.0, 0.01)
+    required["weight_type"] = inputs.choice(legacy.WEIGHT_TYPES)
+    return {**required, **inputs.named("start_at", "end_at"), **after}
+
+
+def _unfold() -> tuple:
+    return ("BOOLEAN", {"default": False})
 
 
 class IPAdapterApply:
@@ -33,21 +44,8 @@ class IPAdapterApply:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "ipadapter": ("IPADAPTER",),
-                "clip_vision": ("CLIP_VISION",),
-                "image": ("IMAGE",),
-                "model": ("MODEL",),
-                "weight": _WEIGHT,
-                "noise": _NOISE,
-                "weight_type": _WEIGHT_TYPE,
-                "start_at": _START,
-                "end_at": _END,
-                "unfold_batch": _UNFOLD,
-            },
-            "optional": {
-                "attn_mask": ("MASK",),
-            },
+            "required": _v1_required("clip_vision", "image", unfold_batch=_unfold()),
+            "optional": inputs.named("attn_mask"),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -57,11 +55,10 @@ class IPAdapterApply:
     def apply_ipadapter(self, ipadapter, clip_vision, image, model, weight=1.0, noise=0.0, weight_type="original",
                         start_at=0.0, end_at=1.0, unfold_batch=False, attn_mask=None):
         node = "IPAdapterApply"
-        adapter, clip_vision = engine.unpack_pipeline(ipadapter, clip_vision, node=node)
-        return (engine.apply_ipadapter(
-            model, adapter, clip_vision, image, weight=weight, start_at=start_at, end_at=end_at,
+        return (apply_pipeline(
+            node, model, ipadapter, clip_vision, image, weight=weight, start_at=start_at, end_at=end_at,
             embeds_scaling=legacy.embeds_scaling_for(weight_type, node),
-            image_negative=legacy.noise_negative(image, noise, node), attn_mask=attn_mask, node=node,
+            image_negative=legacy.noise_negative(image, noise, node), attn_mask=attn_mask,
             unfold_batch=bool(unfold_batch)),)
 
 
@@ -75,24 +72,9 @@ class IPAdapterApplyFaceID:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "ipadapter": ("IPADAPTER",),
-                "clip_vision": ("CLIP_VISION",),
-                "insightface": ("INSIGHTFACE",),
-                "image": ("IMAGE",),
-                "model": ("MODEL",),
-                "weight": _WEIGHT,
-                "noise": _NOISE,
-                "weight_type": _WEIGHT_TYPE,
-                "start_at": _START,
-                "end_at": _END,
-                "faceid_v2": ("BOOLEAN", {"default": False}),
-                "weight_v2": _WEIGHT,
-                "unfold_batch": _UNFOLD,
-            },
-            "optional": {
-                "attn_mask": ("MASK",),
-            },
+            "required": _v1_required("clip_vision", "insightface", "image", faceid_v2=("BOOLEAN", {"default": False}),
+                                     weight_v2=inputs.weight(), unfold_batch=_unfold()),
+            "optional": inputs.named("attn_mask"),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -133,19 +115,8 @@ class IPAdapterApplyEncoded:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "ipadapter": ("IPADAPTER",),
-                "embeds": ("EMBEDS",),
-                "model": ("MODEL",),
-                "weight": _WEIGHT,
-                "weight_type": _WEIGHT_TYPE,
-                "start_at": _START,
-                "end_at": _END,
-                "unfold_batch": _UNFOLD,
-            },
-            "optional": {
-                "attn_mask": ("MASK",),
-            },
+            "required": _v1_required("embeds", noise=False, unfold_batch=_unfold()),
+            "optional": inputs.named("attn_mask"),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -172,19 +143,10 @@ class IPAdapterTilesMasked:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "ipadapter": ("IPADAPTER",),
-                "clip_vision": ("CLIP_VISION",),
-                "image": ("IMAGE",),
-                "model": ("MODEL",),
-                "weight": ("FLOAT", {"default": 0.7, "min": -1.0, "max": 3.0, "step": 0.05}),
-                "noise": _NOISE,
-                "weight_type": _WEIGHT_TYPE,
-                "start_at": _START,
-                "end_at": _END,
-                "short_side_tiles": ("INT", {"default": 1, "min": 0, "max": 12, "step": 1}),
-                "tile_weight": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 1.0, "step": 0.05}),
-            },
+            "required": _v1_required(
+                "clip_vision", "image", weight=inputs.weight(default=0.7),
+                short_side_tiles=("INT", {"default": 1, "min": 0, "max": 12, "step": 1}),
+                tile_weight=inputs.fraction(0.6, 0.05)),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -258,7 +220,7 @@ class PrepImageForInsightFace:
         return {"required": {
             "image": ("IMAGE",),
             "crop_position": (["center", "top", "bottom", "left", "right"],),
-            "sharpening": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05}),
+            "sharpening": inputs.fraction(0.0, 0.05),
             "pad_around": ("BOOLEAN", {"default": True}),
         }}
 

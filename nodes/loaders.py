@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 from ..core import apply as engine
-from ..core import folders, presets
+from ..core import folders, memo, presets
 
 
 class IPAdapterUnifiedLoader:
     """Finds and loads the IP-Adapter and CLIP vision files of a preset for the connected model.
 
     The MODEL passes through unchanged. Loaded files are kept per node instance, and a pipeline arriving
-    on the optional ``ipadapter`` input (daisy-chaining) lends its already loaded models.
+    on the optional ``ipadapter`` input (daisy-chaining) lends its already loaded models.  With
+    ``free_clip_vision`` the pipeline carries an on-demand encoder that holds its weights only while an apply
+    node encodes (``core.memo.on_demand_clip_vision``).
     """
 
     def __init__(self) -> None:
@@ -25,6 +27,11 @@ class IPAdapterUnifiedLoader:
             },
             "optional": {
                 "ipadapter": ("IPADAPTER",),
+                # appended after the existing pack's inputs, so saved workflows keep their widget order
+                "free_clip_vision": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Hold the CLIP vision weights only while encoding; the encoded features are "
+                               "memoized, so re-runs that change only weights need no encoder."}),
             },
         }
 
@@ -33,12 +40,14 @@ class IPAdapterUnifiedLoader:
     FUNCTION = "load_models"
     CATEGORY = "ipadapter"
 
-    def load_models(self, model, preset, ipadapter=None):
+    def load_models(self, model, preset, ipadapter=None, free_clip_vision=False):
         family = engine.model_family(model)
         clip_path, adapter_path = presets.find_files(preset, family)
         lent = ipadapter if isinstance(ipadapter, dict) else {}
-        self.clipvision = engine.reuse_or_load(self.clipvision, lent.get("clipvision"), clip_path,
-                                               engine.load_clip_vision)
+        if memo.is_on_demand(self.clipvision.get("model")) != bool(free_clip_vision):
+            self.clipvision = {"file": None, "model": None}  # the option changed: load the other kind
+        load_clip_vision = engine.load_clip_vision_on_demand if free_clip_vision else engine.load_clip_vision
+        self.clipvision = engine.reuse_or_load(self.clipvision, lent.get("clipvision"), clip_path, load_clip_vision)
         self.ipadapter = engine.reuse_or_load(self.ipadapter, lent.get("ipadapter"), adapter_path,
                                               engine.load_adapter)
         engine.check_family(self.ipadapter["model"], family, node="IPAdapterUnifiedLoader")

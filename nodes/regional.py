@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from ..core import apply as engine
 from ..core import regional
-
-_START = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001})
-_END = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})
+from . import inputs
 
 
 class IPAdapterRegionalConditioning:
@@ -21,11 +19,9 @@ class IPAdapterRegionalConditioning:
         return {
             "required": {
                 "image": ("IMAGE",),
-                "image_weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05}),
-                "prompt_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05}),
-                "weight_type": (list(engine.WEIGHT_TYPES),),
-                "start_at": _START,
-                "end_at": _END,
+                "image_weight": inputs.weight(),
+                "prompt_weight": inputs.weight(10.0, minimum=0.0),
+                **inputs.named("weight_type", "start_at", "end_at"),
             },
             "optional": {
                 "mask": ("MASK",),
@@ -80,16 +76,11 @@ class IPAdapterFromParams:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
-                "ipadapter": ("IPADAPTER",),
+                **inputs.named("model", "ipadapter"),
                 "ipadapter_params": ("IPADAPTER_PARAMS",),
-                "combine_embeds": (list(engine.COMBINE_EMBEDS),),
-                "embeds_scaling": (list(engine.EMBEDS_SCALING),),
+                **inputs.named("combine_embeds", "embeds_scaling"),
             },
-            "optional": {
-                "image_negative": ("IMAGE",),
-                "clip_vision": ("CLIP_VISION",),
-            },
+            "optional": inputs.named("image_negative", "clip_vision"),
         }
 
     RETURN_TYPES = ("MODEL",)

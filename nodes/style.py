@@ -10,16 +10,10 @@ from __future__ import annotations
 
 from ..core import apply as engine
 from ..core import weighting
+from . import inputs
+from .apply import apply_pipeline
 
-_START = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001})
-_END = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})
-_WEIGHT5 = ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05})
-_OPTIONAL = {"image_negative": ("IMAGE",), "attn_mask": ("MASK",), "clip_vision": ("CLIP_VISION",)}
 INSTANT_STYLE_DEFAULT = '{"up": {"block_0": [0.0, 1.0, 0.0]}}'  # InstantStyle's SDXL style-only setting
-
-
-def _combine():
-    return (list(engine.COMBINE_EMBEDS),)
 
 
 class IPAdapterStyleComposition:
@@ -31,21 +25,18 @@ class IPAdapterStyleComposition:
     @classmethod
     def INPUT_TYPES(cls):
         required = {
-            "model": ("MODEL",),
-            "ipadapter": ("IPADAPTER",),
+            **inputs.named("model", "ipadapter"),
             "image_style": ("IMAGE",),
             "image_composition": ("IMAGE",),
-            "weight_style": _WEIGHT5,
-            "weight_composition": _WEIGHT5,
+            "weight_style": inputs.weight(5.0),
+            "weight_composition": inputs.weight(5.0),
             "expand_style": ("BOOLEAN", {"default": False}),
-            "combine_embeds": (list(engine.COMBINE_EMBEDS), {"default": "average"}),
-            "start_at": _START,
-            "end_at": _END,
-            "embeds_scaling": (list(engine.EMBEDS_SCALING),),
+            "combine_embeds": inputs.choice(engine.COMBINE_EMBEDS, default="average"),
+            **inputs.named("start_at", "end_at", "embeds_scaling"),
         }
         if cls.UNFOLD_BATCH:
             del required["combine_embeds"]
-        return {"required": required, "optional": dict(_OPTIONAL)}
+        return {"required": required, "optional": inputs.reference_optional()}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply_ipadapter"
@@ -86,17 +77,12 @@ class IPAdapterPreciseStyleTransfer:
         name, default = cls.BOOST
         return {
             "required": {
-                "model": ("MODEL",),
-                "ipadapter": ("IPADAPTER",),
-                "image": ("IMAGE",),
-                "weight": _WEIGHT5,
-                name: ("FLOAT", {"default": default, "min": -5.0, "max": 5.0, "step": 0.05}),
-                "combine_embeds": _combine(),
-                "start_at": _START,
-                "end_at": _END,
-                "embeds_scaling": (list(engine.EMBEDS_SCALING),),
+                **inputs.named("model", "ipadapter", "image"),
+                "weight": inputs.weight(5.0),
+                name: inputs.weight(5.0, default=default, minimum=-5.0),
+                **inputs.named("combine_embeds", "start_at", "end_at", "embeds_scaling"),
             },
-            "optional": dict(_OPTIONAL),
+            "optional": inputs.reference_optional(),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -108,12 +94,11 @@ class IPAdapterPreciseStyleTransfer:
                         image_negative=None, attn_mask=None, clip_vision=None):
         node = self.NODE_NAME
         boost = style_boost if self.BOOST[0] == "style_boost" else composition_boost
-        adapter, clip_vision = engine.unpack_pipeline(ipadapter, clip_vision, node=node)
-        return (engine.apply_ipadapter(
-            model, adapter, clip_vision, image, weight=weight, weight_type=self.WEIGHT_TYPE,
+        return (apply_pipeline(
+            node, model, ipadapter, clip_vision, image, weight=weight, weight_type=self.WEIGHT_TYPE,
             combine_embeds=combine_embeds, start_at=start_at, end_at=end_at, embeds_scaling=embeds_scaling,
-            image_negative=image_negative, attn_mask=attn_mask, node=node,
-            boost=self.BOOST[1] if boost is None else boost, unfold_batch=self.UNFOLD_BATCH),)
+            image_negative=image_negative, attn_mask=attn_mask, boost=self.BOOST[1] if boost is None else boost,
+            unfold_batch=self.UNFOLD_BATCH),)
 
 
 class IPAdapterPreciseStyleTransferBatch(IPAdapterPreciseStyleTransfer):
@@ -145,19 +130,13 @@ class IPAdapterMS:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
-                "ipadapter": ("IPADAPTER",),
-                "image": ("IMAGE",),
-                "weight": _WEIGHT5,
-                "weight_faceidv2": _WEIGHT5,
-                "weight_type": (list(engine.WEIGHT_TYPES),),
-                "combine_embeds": _combine(),
-                "start_at": _START,
-                "end_at": _END,
-                "embeds_scaling": (list(engine.EMBEDS_SCALING),),
+                **inputs.named("model", "ipadapter", "image"),
+                "weight": inputs.weight(5.0),
+                "weight_faceidv2": inputs.weight(5.0),
+                **inputs.named("weight_type", "combine_embeds", "start_at", "end_at", "embeds_scaling"),
                 "layer_weights": ("STRING", {"default": "", "multiline": True}),
             },
-            "optional": {**_OPTIONAL, "insightface": ("INSIGHTFACE",)},
+            "optional": inputs.reference_optional("insightface"),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -191,11 +170,10 @@ class IPAdapterMS:
                 combine_embeds=combine_embeds, start_at=start_at, end_at=end_at, embeds_scaling=embeds_scaling,
                 image_negative=image_negative, attn_mask=attn_mask, node=node)
             return (patched,)
-        adapter, clip_vision = engine.unpack_pipeline(ipadapter, clip_vision, node=node)
-        return (engine.apply_ipadapter(
-            model, adapter, clip_vision, image, weight=weight, weight_type=weight_type,
+        return (apply_pipeline(
+            node, model, ipadapter, clip_vision, image, weight=weight, weight_type=weight_type,
             combine_embeds=combine_embeds, start_at=start_at, end_at=end_at, embeds_scaling=embeds_scaling,
-            image_negative=image_negative, attn_mask=attn_mask, node=node, layer_weights=per_layer),)
+            image_negative=image_negative, attn_mask=attn_mask, layer_weights=per_layer),)
 
 
 def _is_faceid(ipadapter) -> bool:
@@ -213,9 +191,7 @@ class IPAdapterInstantStyle:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
-                "ipadapter": ("IPADAPTER",),
-                "image": ("IMAGE",),
+                **inputs.named("model", "ipadapter", "image"),
                 "block_scales": ("STRING", {
                     "default": INSTANT_STYLE_DEFAULT, "multiline": True,
                     "tooltip": "diffusers' set_ip_adapter_scale dict (JSON or Python literal) or one number; "
@@ -223,11 +199,9 @@ class IPAdapterInstantStyle:
                                '{"up": {"block_0": [0.0, 1.0, 0.0]}}; SDXL style + layout: '
                                '{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}; '
                                'SD1.5 style: {"up": {"block_1": 1.0}}'}),
-                "start_at": _START,
-                "end_at": _END,
-                "embeds_scaling": (list(engine.EMBEDS_SCALING),),
+                **inputs.named("start_at", "end_at", "embeds_scaling"),
             },
-            "optional": dict(_OPTIONAL),
+            "optional": inputs.reference_optional(),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -246,15 +220,14 @@ class IPAdapterInstantStyle:
     def apply_ipadapter(self, model, ipadapter, image, block_scales=INSTANT_STYLE_DEFAULT, start_at=0.0,
                         end_at=1.0, embeds_scaling="V only", image_negative=None, attn_mask=None, clip_vision=None):
         node = "IPAdapterInstantStyle"
-        adapter, clip_vision = engine.unpack_pipeline(ipadapter, clip_vision, node=node)
         try:
             scales = weighting.block_scales_to_layer_weights(weighting.parse_block_scales(block_scales),
                                                              engine.model_family(model))
         except ValueError as error:
             raise ValueError(f"{node}: block_scales: {error}") from None
-        return (engine.apply_ipadapter(
-            model, adapter, clip_vision, image, start_at=start_at, end_at=end_at, embeds_scaling=embeds_scaling,
-            image_negative=image_negative, attn_mask=attn_mask, node=node,
+        return (apply_pipeline(
+            node, model, ipadapter, clip_vision, image, start_at=start_at, end_at=end_at,
+            embeds_scaling=embeds_scaling, image_negative=image_negative, attn_mask=attn_mask,
             layer_weights=weighting.LayerWeights(scales)),)
 
 

@@ -1,7 +1,8 @@
 """The ``ipadapter`` command: run, validate and inspect ComfyUI workflows without ComfyUI.
 
 Exit codes: 0 done; 2 invalid workflow or bad input (messages only); 1 a node failed while running;
-130 interrupted.  Results go to stdout, errors to stderr.
+130 interrupted.  Results go to stdout, errors to stderr.  What the listing commands (``nodes``, ``models``,
+``workflows``) print is made in ``runtime.cli_listing``.
 """
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+from .cli_listing import print_ipadapter_files, print_nodes, print_workflows
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+MODEL_MAPS = ("tiny",)  # runtime.model_map.MODEL_MAPS, repeated so that `--help` imports nothing heavy
 
 
 class UsageError(Exception):
@@ -38,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     workflow.add_argument("workflow", help="workflow file: API or UI format JSON, or a PNG saved by ComfyUI")
     workflow.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
                           help="change an input before running (repeatable), e.g. --set 3.seed=42")
+    workflow.add_argument("--model-map", choices=MODEL_MAPS, default=None,
+                          help="run on stand-in models: 'tiny' maps the workflow's real model file names onto the tiny "
+                               "set (built once into --models-dir, default $IPADAPTER_TINY_CACHE or "
+                               "~/.cache/ipadapter_nodes/tiny-models), shrinks latents to 64 px and steps to 2, and "
+                               "generates missing input images")
 
     parser = argparse.ArgumentParser(prog="ipadapter", description="Run ComfyUI IP-Adapter workflows headless.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -54,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--extra-model-paths", metavar="YAML", help="a ComfyUI extra_model_paths.yaml")
     convert = sub.add_parser("convert", parents=[common, folders], help="print the API form of a UI workflow")
     convert.add_argument("workflow", help="UI-format workflow JSON (or a PNG saved by ComfyUI)")
+    sub.add_parser("workflows", parents=[common], help="list the shipped workflows and what each shows")
     return parser
 
 
@@ -64,8 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage/help
         return EXIT_OK if exc.code in (0, None) else EXIT_INVALID
+    if not getattr(args, "debug", False):
+        _quiet_libraries()
     command = {"run": _cmd_run, "validate": _cmd_validate, "nodes": _cmd_nodes, "demo": _cmd_demo,
-               "models": _cmd_models, "convert": _cmd_convert}[args.command]
+               "models": _cmd_models, "convert": _cmd_convert, "workflows": _cmd_workflows}[args.command]
     try:
         return command(args)
     except UsageError as exc:
@@ -81,13 +93,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+def _quiet_libraries() -> None:
+    """Keep the libraries' weight-loading bars and advice out of the command's output (``--debug`` keeps them)."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers", "diffusers", "huggingface_hub", "insightface"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 # --- commands -----------------------------------------------------------------------------------------
 def _cmd_run(args: argparse.Namespace) -> int:
     from .executor import ExecutionInterrupted, Executor, NodeExecutionError, PromptError
 
     _configure(args)
     node_classes = _node_classes()
-    loaded, prompt = _load(args, node_classes)
+    loaded, prompt = _load_mapped(args, node_classes)
     prompt, outputs = _validated(prompt, node_classes, loaded.ui_titles, strict=True)
     if prompt is None:
         return EXIT_INVALID
@@ -122,7 +148,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     _configure(args)
     node_classes = _node_classes()
-    loaded, prompt = _load(args, node_classes)
+    loaded, prompt = _load_mapped(args, node_classes)
     prompt, outputs = _validated(prompt, node_classes, loaded.ui_titles, strict=True)
     if prompt is None:
         return EXIT_INVALID
@@ -134,14 +160,7 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
     from .registry import display_names
 
     _configure(args)
-    classes = _node_classes()
-    names = display_names()
-    info = {class_type: object_info(class_type, cls, names.get(class_type)) for class_type, cls in sorted(classes.items())}
-    if args.json:
-        print(json.dumps(info, indent=2, default=str))
-        return EXIT_OK
-    for class_type, entry in info.items():
-        print(format_node(entry))
+    print_nodes(_node_classes(), display_names(), as_json=args.json)
     return EXIT_OK
 
 
@@ -156,28 +175,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     demo.prepare_demo(models_dir, input_dir)
     run_args = argparse.Namespace(
         workflow=str(demo.DEMO_WORKFLOW), overrides=[], models_dir=str(models_dir), input_dir=str(input_dir),
-        output_dir=args.output_dir, extra_model_paths=None, debug=args.debug,
+        output_dir=args.output_dir, extra_model_paths=None, debug=args.debug, model_map=None,
     )
     return _cmd_run(run_args)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from ..core import folders
-
     _configure(args)
-    from ..core.adapter import describe_file
-    names = folders.filter_extensions(folders.get_filename_list("ipadapter"), folders.MODEL_EXTENSIONS)
-    if not names:
-        where = ", ".join(folders.get_folder_paths("ipadapter"))
-        print(f"no IP-Adapter files in {where}")
-        return EXIT_OK
-    for name in names:
-        path = folders.get_full_path("ipadapter", name)
-        try:
-            text = describe_file(path)
-        except Exception as exc:  # noqa: BLE001 - one bad file must not hide the others
-            text = f"unrecognized: {exc}"
-        print(f"{name}: {text}")
+    print_ipadapter_files()
+    return EXIT_OK
+
+
+def _cmd_workflows(args: argparse.Namespace) -> int:
+    print_workflows()
     return EXIT_OK
 
 
@@ -210,14 +220,45 @@ def _node_classes() -> dict[str, type]:
     return node_classes()
 
 
-def _load(args: argparse.Namespace, node_classes: dict[str, type]) -> tuple[Any, dict[str, Any]]:
-    """Read the workflow and apply --set; bad input becomes a :class:`UsageError`."""
+def _load_mapped(args: argparse.Namespace, node_classes: dict[str, type]) -> tuple[Any, dict[str, Any]]:
+    """:func:`_load`, through ``--model-map`` when one is chosen: the tiny set is built, the folders point at it
+    (and at stand-in inputs when the input folder lacks some), and the prompt names the tiny files."""
+    if not getattr(args, "model_map", None):
+        return _load(args, node_classes)
+    from . import model_map
+    from .demo import default_cache_dir
+
+    models_dir = Path(args.models_dir).expanduser() if args.models_dir else default_cache_dir()
+    if not model_map.tiny_assets.is_current(models_dir):
+        print(f"preparing tiny models in {models_dir} ...", file=sys.stderr)
+    models_dir = model_map.prepare_models(models_dir)
+    loaded, prompt = _load(args, node_classes, before_overrides=model_map.shrink)
+    try:
+        prompt = model_map.rename(prompt, models_dir)
+    except model_map.ModelMapError as exc:
+        raise UsageError(str(exc)) from exc
+    user_input = Path(args.input_dir).expanduser() if args.input_dir else Path.cwd() / "input"
+    plan = model_map.provide_inputs(model_map.input_names(prompt), user_input, models_dir)
+    for note in plan.notes:
+        _error(note)
+    _configure(argparse.Namespace(models_dir=str(models_dir), input_dir=str(plan.input_dir),
+                                  output_dir=args.output_dir, extra_model_paths=args.extra_model_paths))
+    return loaded, prompt
+
+
+def _load(args: argparse.Namespace, node_classes: dict[str, type],
+          before_overrides: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Read the workflow and apply --set; bad input becomes a :class:`UsageError`.
+
+    ``before_overrides`` rewrites the loaded prompt before --set (so an explicit --set wins over it).
+    """
     from .registry import display_names
     from .workflow import WorkflowFormatError, apply_overrides, load_workflow
 
     try:
         loaded = load_workflow(Path(args.workflow), node_classes, display_names())
-        prompt = apply_overrides(loaded.prompt, list(args.overrides)) if args.overrides else loaded.prompt
+        prompt = before_overrides(loaded.prompt) if before_overrides else loaded.prompt
+        prompt = apply_overrides(prompt, list(args.overrides)) if args.overrides else prompt
     except (WorkflowFormatError, ValueError, OSError) as exc:
         # Workflow errors already name the file.
         raise UsageError(str(exc) if isinstance(exc, WorkflowFormatError) else f"{args.workflow}: {exc}") from exc
@@ -248,7 +289,8 @@ def _validated(prompt: dict[str, Any], node_classes: dict[str, type], ui_titles:
     Like ComfyUI, a workflow where some outputs are valid runs those (the others' errors are printed);
     ``strict`` (``validate``) treats any error as invalid.
     """
-    from .validate import format_errors, validate_prompt
+    from .validate import validate_prompt
+    from .validation_report import format_errors
 
     result = validate_prompt(prompt, node_classes, ui_titles=ui_titles)
     if not result.ok:
@@ -282,52 +324,6 @@ def written_files(ui: dict[str, dict[str, Any]]) -> list[str]:
                     root = roots.get(item.get("type", "output"), roots["output"])
                     paths.append(os.path.join(root, item.get("subfolder") or "", item["filename"]))
     return paths
-
-
-# --- node listing -----------------------------------------------------------------------------------
-def object_info(class_type: str, cls: type, display_name: str | None = None) -> dict[str, Any]:
-    """One class described the way ComfyUI's ``/object_info`` does."""
-    spec = cls.INPUT_TYPES()
-    returns = list(getattr(cls, "RETURN_TYPES", ()) or ())
-    return {
-        "input": {k: dict(spec[k]) for k in ("required", "optional", "hidden") if spec.get(k)},
-        "input_order": {k: list(spec[k]) for k in ("required", "optional", "hidden") if spec.get(k)},
-        "output": returns,
-        "output_is_list": list(getattr(cls, "OUTPUT_IS_LIST", None) or [False] * len(returns)),
-        "output_name": list(getattr(cls, "RETURN_NAMES", None) or returns),
-        "name": class_type,
-        "display_name": display_name or class_type,
-        "description": getattr(cls, "DESCRIPTION", "") or "",
-        "python_module": cls.__module__,
-        "category": getattr(cls, "CATEGORY", "sd"),
-        "output_node": bool(getattr(cls, "OUTPUT_NODE", False)),
-    }
-
-
-def format_node(info: dict[str, Any]) -> str:
-    """Human-readable block for one class: inputs (type, default, range or options) and outputs."""
-    title = info["name"] if info["display_name"] == info["name"] else f"{info['name']} ({info['display_name']})"
-    lines = [f"{title}  [{info['category']}]" + ("  output node" if info["output_node"] else "")]
-    for section in ("required", "optional"):
-        for name, entry in info["input"].get(section, {}).items():
-            marker = "" if section == "required" else " (optional)"
-            lines.append(f"    {name}{marker}: {_describe_input(entry)}")
-    for name, kind in zip(info["output_name"], info["output"]):
-        lines.append(f"  -> {name}: {kind}")
-    return "\n".join(lines)
-
-
-def _describe_input(entry: Any) -> str:
-    kind = entry[0] if isinstance(entry, (tuple, list)) and entry else entry
-    options = entry[1] if isinstance(entry, (tuple, list)) and len(entry) > 1 and isinstance(entry[1], dict) else {}
-    choices = kind if isinstance(kind, (list, tuple)) else options.get("options") if kind == "COMBO" else None
-    if choices is not None:
-        shown = ", ".join(map(str, list(choices)[:8])) + (", ..." if len(choices) > 8 else "")
-        text = f"one of [{shown}] ({len(choices)} option{'s' if len(choices) != 1 else ''})"
-    else:
-        text = str(kind)
-    details = [f"{key}={options[key]!r}" for key in ("default", "min", "max", "step") if key in options]
-    return text + (f"  {' '.join(details)}" if details else "")
 
 
 def _error(message: str) -> None:

@@ -8,8 +8,8 @@ What it does, as ComfyUI does it:
   absent when not given, hidden inputs ``PROMPT`` / ``EXTRA_PNGINFO`` / ``UNIQUE_ID`` filled in;
 * results are a tuple matching ``RETURN_TYPES`` or ``{"ui": ..., "result": (...)}``;
 * outputs are cached under an *input signature* (class, ``IS_CHANGED``, constant inputs, upstream
-  signatures), so an identical re-run executes nothing and a changed widget re-runs only that node and
-  what depends on it.  Only the entries the last prompt used are kept.
+  signatures; see ``runtime.cache``), so an identical re-run executes nothing and a changed widget
+  re-runs only that node and what depends on it.  Only the entries the last prompt used are kept.
 
 Not supported (a clear error at execution): ``INPUT_IS_LIST``, ``OUTPUT_IS_LIST``, node expansion.
 The prompt is expected to be validated already (``runtime.validate``); structural problems that would
@@ -17,21 +17,14 @@ make execution impossible still raise :class:`PromptError`.
 """
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
-import logging
-import math
 import threading
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .node_specs import is_link
-
 from tqdm.auto import tqdm
 
-log = logging.getLogger(__name__)
+from .cache import CacheEntry, input_signatures
+from .node_inputs import NodeSpec, hidden_kind, is_linked, read_spec, unwrap
 
 
 class PromptError(ValueError):
@@ -88,56 +81,9 @@ def describe_node(node_id: str, class_type: str, title: Any = None) -> str:
     return f"{where} ({class_type})"
 
 
-def _unwrap(value: Any) -> Any:
-    # Widget values that are lists travel as {"__value__": [...]} so they are not mistaken for links.
-    if isinstance(value, dict) and set(value) == {"__value__"}:
-        return value["__value__"]
-    return value
-
-
 def _id_sort_key(node_id: str) -> tuple:
     # "10" after "9"; subgraph ids like "12:5" sort by their parts.
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in str(node_id).split(":"))
-
-
-def _input_spec(cls: type) -> dict[str, dict[str, Any]]:
-    spec = cls.INPUT_TYPES()
-    return {section: dict(spec.get(section) or {}) for section in ("required", "optional", "hidden")}
-
-
-def _input_options(spec: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
-    for section in ("required", "optional"):
-        entry = spec[section].get(name)
-        if entry is not None:
-            if isinstance(entry, (tuple, list)) and len(entry) > 1 and isinstance(entry[1], dict):
-                return entry[1]
-            return {}
-    return {}
-
-
-def _hidden_kind(entry: Any) -> str:
-    # Hidden entries are usually the bare string ("PROMPT"), sometimes a 1-tuple.
-    if isinstance(entry, (tuple, list)) and entry:
-        entry = entry[0]
-    return str(entry)
-
-
-def _call_with_accepted(func: Any, kwargs: dict[str, Any]) -> Any:
-    """Call ``func`` with the keyword arguments its signature accepts (all of them with ``**kwargs``)."""
-    try:
-        params = inspect.signature(func).parameters.values()
-    except (TypeError, ValueError):
-        return func(**kwargs)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return func(**kwargs)
-    names = {p.name for p in params}
-    return func(**{k: v for k, v in kwargs.items() if k in names})
-
-
-def _stable_repr(value: Any) -> str:
-    # JSON for widget values keeps keys order-free; anything else falls back to repr (which at worst
-    # makes a key unique, i.e. re-runs the node: never a wrong cache hit for JSON values).
-    return json.dumps(value, sort_keys=True, default=repr)
 
 
 # --- results ------------------------------------------------------------------------------------------
@@ -156,12 +102,6 @@ class ExecutionResult:
     node_outputs: dict[str, tuple] = field(default_factory=dict)
 
 
-@dataclass
-class _CacheEntry:
-    outputs: tuple
-    ui: dict[str, Any] | None
-
-
 # --- executor -----------------------------------------------------------------------------------------
 class Executor:
     """Runs prompts; holds the output cache and the node objects between runs (one per process)."""
@@ -175,15 +115,15 @@ class Executor:
             node_classes = registered()
         self.node_classes: dict[str, type] = dict(node_classes)
         self.progress = progress
-        self._cache: dict[str, _CacheEntry] = {}
+        self._cache: dict[str, CacheEntry] = {}
         self._objects: dict[tuple[str, str], Any] = {}
         # INPUT_TYPES may list model folders: read once per class per execute() call.
-        self._specs: dict[type, dict[str, dict[str, Any]]] = {}
+        self._specs: dict[type, NodeSpec] = {}
 
-    def _spec(self, cls: type) -> dict[str, dict[str, Any]]:
+    def _spec(self, cls: type) -> NodeSpec:
         spec = self._specs.get(cls)
         if spec is None:
-            spec = self._specs[cls] = _input_spec(cls)
+            spec = self._specs[cls] = read_spec(cls)
         return spec
 
     # -- public ---------------------------------------------------------------------------------------
@@ -206,7 +146,7 @@ class Executor:
         _interrupt_requested.clear()
         targets = self._output_ids(prompt, outputs)
         order = self._dependency_order(prompt, targets)
-        signatures = self._signatures(prompt, order)
+        signatures = input_signatures(prompt, order, lambda node_id: self._class_of(prompt, node_id), self._spec)
         result = ExecutionResult()
 
         # Nodes that will really run: not in the cache and not a duplicate of an earlier node this run.
@@ -273,7 +213,7 @@ class Executor:
         """(input name, source id, slot) for the node's linked inputs, in input order."""
         links = []
         for name, value in (prompt[node_id].get("inputs") or {}).items():
-            if is_link(value) and not _input_options(self._spec(self._class_of(prompt, node_id)), name).get("rawLink"):
+            if is_linked(self._spec(self._class_of(prompt, node_id)), name, value):
                 source, slot = str(value[0]), value[1]
                 if source not in prompt:
                     raise PromptError(
@@ -309,43 +249,6 @@ class Executor:
                     order.append(node_id)
         return order
 
-    def _signatures(self, prompt: Mapping[str, Mapping[str, Any]], order: list[str]) -> dict[str, str]:
-        """Cache key of each node: a digest of class, IS_CHANGED, constants and upstream keys."""
-        signatures: dict[str, str] = {}
-        for node_id in order:
-            node = prompt[node_id]
-            cls = self._class_of(prompt, node_id)
-            spec = self._spec(cls)
-            parts: list[Any] = [node["class_type"]]
-            constants: dict[str, Any] = {}
-            for name, value in sorted((node.get("inputs") or {}).items()):
-                if is_link(value) and not _input_options(spec, name).get("rawLink"):
-                    parts.append(("link", name, signatures[str(value[0])], value[1]))
-                else:
-                    constants[name] = _unwrap(value)
-                    parts.append(("const", name, _stable_repr(constants[name])))
-            hidden_kinds = {_hidden_kind(e) for e in spec["hidden"].values()}
-            if getattr(cls, "NOT_IDEMPOTENT", False) or "UNIQUE_ID" in hidden_kinds:
-                parts.append(("id", node_id))
-            if hasattr(cls, "IS_CHANGED"):
-                parts.append(("changed", self._is_changed(node_id, node, cls, spec, constants)))
-            digest = hashlib.sha256(repr(parts).encode("utf-8", "backslashreplace")).hexdigest()
-            signatures[node_id] = digest
-        return signatures
-
-    def _is_changed(self, node_id: str, node: Mapping[str, Any], cls: type, spec: dict, constants: dict) -> str:
-        # Like ComfyUI: constant inputs only (linked ones are None); NaN or an exception = always re-run.
-        kwargs: dict[str, Any] = {name: None for name in (node.get("inputs") or {})}
-        kwargs.update(constants)
-        try:
-            value = _call_with_accepted(cls.IS_CHANGED, kwargs)
-        except Exception as exc:  # noqa: BLE001 - a failing IS_CHANGED must not stop the run
-            log.warning("%s: IS_CHANGED raised %s; the node will re-run", describe_node(node_id, node["class_type"]), exc)
-            return f"always:{uuid.uuid4().hex}"
-        if isinstance(value, float) and math.isnan(value):
-            return f"always:{uuid.uuid4().hex}"
-        return _stable_repr(value)
-
     def _bar_disabled(self) -> bool | None:
         return None if self.progress is None else not self.progress
 
@@ -358,7 +261,7 @@ class Executor:
         extra_pnginfo: Mapping[str, Any] | None,
         result: ExecutionResult,
         titles: dict[str, Any],
-    ) -> _CacheEntry:
+    ) -> CacheEntry:
         class_type = node["class_type"]
         cls = self._class_of(prompt, node_id)
         title = titles.get(node_id)
@@ -396,7 +299,7 @@ class Executor:
         declared = set(spec["required"]) | set(spec["optional"])
         kwargs: dict[str, Any] = {}
         for name, value in (node.get("inputs") or {}).items():
-            if is_link(value) and not _input_options(spec, name).get("rawLink"):
+            if is_linked(spec, name, value):
                 source, slot = str(value[0]), value[1]
                 upstream = result.node_outputs[source]
                 if not 0 <= slot < len(upstream):
@@ -409,9 +312,9 @@ class Executor:
                 kwargs[name] = upstream[slot]
             elif name in declared:
                 # Like ComfyUI: constants the class does not declare are dropped.
-                kwargs[name] = _unwrap(value)
+                kwargs[name] = unwrap(value)
         for name, entry in spec["hidden"].items():
-            kind = _hidden_kind(entry)
+            kind = hidden_kind(entry)
             if kind == "PROMPT":
                 kwargs[name] = prompt
             elif kind == "EXTRA_PNGINFO":
@@ -423,7 +326,7 @@ class Executor:
         return kwargs
 
     @staticmethod
-    def _entry_from(returned: Any, cls: type, node_id: str, class_type: str, title: Any) -> _CacheEntry:
+    def _entry_from(returned: Any, cls: type, node_id: str, class_type: str, title: Any) -> CacheEntry:
         ui = None
         if isinstance(returned, dict):
             if "expand" in returned:
@@ -445,7 +348,7 @@ class Executor:
                 node_id, class_type,
                 f"returned {len(returned)} value(s) but RETURN_TYPES declares {expected}", title,
             )
-        return _CacheEntry(tuple(returned), ui)
+        return CacheEntry(tuple(returned), ui)
 
     def _forget_unused(self, prompt: Mapping[str, Mapping[str, Any]], keep: set[str]) -> None:
         # Classic cache: keep what the last prompt used, so memory stays bounded by one prompt.

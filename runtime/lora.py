@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..core.checkpoint import load_torch_weights, read_safetensors
 from ..core.weight_patches import LowRankDelta, WeightPatch
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
@@ -82,11 +83,8 @@ class LoraFile:
 # ---------------------------------------------------------------------------------------------- reading
 def _read_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if path.lower().endswith((".safetensors", ".sft")):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
-    data = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        return read_safetensors(path, "LoRA file")
+    data = load_torch_weights(path, "LoRA file")  # weights_only: a pickle that would run code is refused
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):

@@ -9,7 +9,8 @@ Real → tiny widths:
   CLIP ViT-H/14: hidden 1280 → 48, image_embeds 1024 → 32
   CLIP ViT-bigG/14: hidden 1664 → 64, image_embeds 1280 → 40
   Face embedding (insightface): 512 stays 512
-Token counts (4, 16, 257, ...) and image size (224 px → 257 tokens) stay real.
+Token counts (4, 16, 257, ...) and image size (224 px → 257 tokens) stay real.  The tokenizer is in
+``runtime/tiny_tokenizer.py``.
 """
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .ldm_convert import write_ldm_checkpoint
+from .tiny_tokenizer import TINY_VOCAB_SIZE, make_tokenizer, tiny_vocab, write_vocab_files
+
+__all__ = [
+    "TINY_SD15", "TINY_SDXL", "TINY_CLIP_VISION", "TINY_VAE", "TINY_TEXT", "TINY_CONTROLNET_HINT_CHANNELS",
+    "TINY_PATHS", "TINY_VERSION", "STAMP_NAME", "CLIP_MEAN", "CLIP_STD", "SD15_SCHEDULER", "SDXL_SCHEDULER",
+    "SEEDS", "build_sd15_unet", "build_sdxl_unet", "build_sd15_controlnet", "build_clip_vision",
+    "ensure_tiny_models",
+    # re-exported from runtime.tiny_tokenizer, where they live
+    "TINY_VOCAB_SIZE", "make_tokenizer", "tiny_vocab",
+]
 
 # Bump when anything below changes what is written; a models folder with another stamp is rebuilt.
 TINY_VERSION = "3"
@@ -96,57 +107,6 @@ TINY_PATHS = {
     "tiny-vit-h.safetensors": "clip_vision/tiny-vit-h.safetensors",
     "tiny-vit-bigG.safetensors": "clip_vision/tiny-vit-bigG.safetensors",
 }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tokenizer: a byte-level CLIP BPE vocabulary made here (no download)
-# ---------------------------------------------------------------------------------------------------------
-
-# A few merges of common English letter pairs, so that ordinary words take fewer tokens.
-_MERGES = ["t h", "h e</w>", "i n", "e r", "a n", "r e", "o n", "a t", "e n", "o u", "e s</w>", "t o</w>",
-           "s t", "i t</w>", "in g</w>", "th e</w>", "a r", "o r", "a l", "o f</w>"]
-
-
-def _bytes_to_unicode() -> list[str]:
-    """The 256 printable characters byte-level BPE uses for the 256 byte values (GPT-2/CLIP order)."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    codes = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
-def tiny_vocab() -> tuple[dict[str, int], list[str]]:
-    """(vocab, merges) of the tiny tokenizer: bytes, bytes + '</w>', merged pairs, then the two specials."""
-    chars = _bytes_to_unicode()
-    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in _MERGES]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(set(tokens)) == len(tokens), "tiny tokenizer: duplicate vocabulary entries"
-    return {tok: i for i, tok in enumerate(tokens)}, list(_MERGES)
-
-
-TINY_VOCAB_SIZE = len(tiny_vocab()[0])
-
-
-def make_tokenizer(pad_token: str = "<|endoftext|>"):
-    """The tiny CLIPTokenizer (SD1.5 and SDXL's first tokenizer pad with '<|endoftext|>', SDXL's second with '!')."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = tiny_vocab()
-    pairs = [tuple(m.split(" ")) for m in merges]
-    return CLIPTokenizer(vocab=vocab, merges=pairs, pad_token=pad_token, model_max_length=77)
-
-
-def _write_vocab_files(folder: Path) -> None:
-    # The classic vocab.json + merges.txt beside tokenizer.json, so any CLIP tokenizer implementation reads it.
-    vocab, merges = tiny_vocab()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,7 +201,7 @@ def _write_sd15(folder: Path, inpaint: bool = False) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
-    _write_vocab_files(folder / "tokenizer")
+    write_vocab_files(folder / "tokenizer")
 
 
 def _write_sdxl(folder: Path) -> None:
@@ -262,7 +222,7 @@ def _write_sdxl(folder: Path) -> None:
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):
-        _write_vocab_files(folder / name)
+        write_vocab_files(folder / name)
 
 
 def build_sd15_controlnet():

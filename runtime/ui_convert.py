@@ -4,8 +4,9 @@ Widget values are matched to input names by position.  The widget order is deriv
 ``INPUT_TYPES``: required then optional inputs of a widget type (INT, FLOAT, STRING, BOOLEAN, COMBO),
 ``forceInput`` inputs excluded.  Some widgets add values that are never sent to the server: the
 ``control_after_generate`` value after an INT seed (two values after a COMBO with that option) and the
-upload button after an ``image_upload`` combo.  Virtual nodes resolve themselves: a PrimitiveNode's value is
-written into every widget it feeds, Reroutes are followed, Notes vanish.  Muted nodes (mode 2) are dropped
+upload button's value after the last required widget of a node with an ``image_upload`` input.  Virtual
+nodes resolve themselves: a PrimitiveNode's value is written into every widget it feeds, Reroutes are
+followed, Notes vanish.  Muted nodes (mode 2) are dropped
 with their links; bypassed nodes (mode 4) hand each consumer the first of their own inputs of the matching
 type.  See ``shared/reference/comfyui-interfaces.md`` §4.2–4.3.
 """
@@ -46,13 +47,22 @@ def widget_layout(node_class: type, legacy: bool = False) -> list[WidgetSlot]:
     ``legacy=True`` gives the layout of old saves that also reserved a slot for each ``forceInput`` input.
     """
     layout = []
+    uploads = 0
     for spec in input_specs(node_class):
+        uploads += bool(spec.options.get("image_upload"))
         if spec.type not in WIDGET_TYPES:
             continue
         force = bool(spec.options.get("forceInput"))
         if force and not legacy:
             continue
         layout.append(WidgetSlot(spec, _extra_values(spec), force))
+    if uploads:
+        # The frontend adds the upload button as one more *required* input, after the declared ones, so its
+        # value follows the last required widget (LoadImageMask saves ["mask.png", "alpha", "image"]).
+        last = max((i for i, slot in enumerate(layout) if slot.spec.section == "required"), default=None)
+        if last is not None:
+            slot = layout[last]
+            layout[last] = WidgetSlot(slot.spec, slot.extra_values + uploads, slot.force_input)
     return layout
 
 
@@ -62,8 +72,6 @@ def _extra_values(spec: InputSpec) -> int:
         extra += 1                 # "fixed" / "increment" / "decrement" / "randomize"
     elif spec.type == "COMBO" and spec.options.get("control_after_generate"):
         extra += 2                 # the control value and its filter
-    if spec.options.get("image_upload"):
-        extra += 1                 # the upload button ("image")
     return extra
 
 
@@ -139,15 +147,62 @@ def _parse_links(raw_links: Any) -> dict[Any, _Link]:
     return links
 
 
+#: Optional fields of a UI node and the JSON types they must have when present (None is always allowed).
+_NODE_FIELDS: dict[str, tuple[type, ...]] = {"inputs": (list,), "outputs": (list,), "widgets_values": (list, dict),
+                                             "mode": (int,), "title": (str,)}
+
+
+def _check_node_shape(node: Any) -> None:
+    """Refuse a UI node whose fields have the wrong JSON types, naming the node and the field."""
+    if not isinstance(node, Mapping) or "id" not in node or "type" not in node:
+        raise WorkflowFormatError(f"UI workflow: every node needs an 'id' and a 'type'; found {node!r:.200}")
+    node_id, kind = node["id"], node["type"]
+    if isinstance(node_id, bool) or not isinstance(node_id, (int, str)) or not isinstance(kind, str):
+        raise WorkflowFormatError(
+            f"UI workflow: a node's 'id' must be a number or a string and its 'type' a string; found id "
+            f"{node_id!r:.60} and type {kind!r:.60}")
+    where = f"UI workflow: node #{node_id} ('{kind}')"
+    for name, types in _NODE_FIELDS.items():
+        value = node.get(name)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            expected = " or ".join("a list" if t is list else f"a {_json_name(t)}" for t in types)
+            raise WorkflowFormatError(f"{where}: '{name}' must be {expected}; found {_json_name(type(value))} "
+                                      f"{value!r:.80}. Re-save the workflow from ComfyUI.")
+    for entry in node.get("inputs") or []:
+        link = entry.get("link") if isinstance(entry, Mapping) else None
+        if not isinstance(entry, Mapping) or (link is not None and not _is_id(link)) \
+                or not isinstance(entry.get("widget") or {}, Mapping):
+            raise WorkflowFormatError(
+                f"{where}: every entry of 'inputs' must be an object {{name, type, link}} with a link id or "
+                f"null; found {entry!r:.120}. Re-save the workflow from ComfyUI.")
+    for entry in node.get("outputs") or []:
+        if not isinstance(entry, Mapping):
+            raise WorkflowFormatError(f"{where}: every entry of 'outputs' must be an object {{name, type, links}}; "
+                                      f"found {entry!r:.120}")
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _json_name(kind: type) -> str:
+    return {list: "list", dict: "object", str: "string", int: "number", float: "number", bool: "boolean",
+            type(None): "null"}.get(kind, kind.__name__)
+
+
 class _Graph:
     """The UI nodes and links, with link resolution through virtual, muted and bypassed nodes."""
 
     def __init__(self, ui: Mapping[str, Any]):
         self.nodes: dict[str, dict] = {}
         for node in ui.get("nodes") or []:
-            if not isinstance(node, Mapping) or "id" not in node or "type" not in node:
-                raise WorkflowFormatError(f"UI workflow: every node needs an 'id' and a 'type'; found {node!r:.200}")
-            self.nodes[str(node["id"])] = dict(node)
+            _check_node_shape(node)
+            node_id = str(node["id"])
+            if node_id in self.nodes:
+                raise WorkflowFormatError(
+                    f"UI workflow: two nodes have the id {node_id} ('{self.nodes[node_id]['type']}' and "
+                    f"'{node['type']}'); node ids must be unique. Re-save the workflow from ComfyUI.")
+            self.nodes[node_id] = dict(node)
         self.links = _parse_links(ui.get("links"))
 
     def resolve(self, link_id: Any, seen: frozenset = frozenset()) -> _Link | _Constant | None:
@@ -189,7 +244,12 @@ def _node_order(node_id: str) -> tuple:
 
 
 def _check_supported(ui: Mapping[str, Any]) -> None:
-    subgraphs = (ui.get("definitions") or {}).get("subgraphs") or []
+    definitions = ui.get("definitions") or {}
+    subgraphs = definitions.get("subgraphs") if isinstance(definitions, Mapping) else None
+    if not isinstance(subgraphs, (list, type(None))) or not isinstance(definitions, Mapping):
+        raise WorkflowFormatError("UI workflow: 'definitions' must be an object whose 'subgraphs' is a list; "
+                                  f"found {definitions!r:.120}")
+    subgraphs = subgraphs or []
     subgraph_ids = {str(sg.get("id")) for sg in subgraphs if isinstance(sg, Mapping)}
     for node in ui.get("nodes") or []:
         kind = str(node.get("type", "")) if isinstance(node, Mapping) else ""

@@ -6,49 +6,28 @@ Every error is reported at once, in ComfyUI's shape (``/prompt`` answers with th
 upstream is clean is still runnable when another output fails, widget values are coerced to their declared
 type (the coerced prompt is returned for the executor), and inputs named by a node's ``VALIDATE_INPUTS``
 skip the built-in min/max/combo checks.  Beyond ComfyUI, unknown classes are reported on every node at once
-and link cycles are caught here rather than at execution time.
+and link cycles are caught here rather than at execution time.  The result and its text form are in
+``runtime.validation_report``.
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .node_specs import InputSpec, input_specs, is_link, types_match
+from .validation_report import ValidationResult, error_entry, format_errors
+
+# ValidationResult and format_errors live in runtime.validation_report; re-exported here.
+__all__ = ["ValidationResult", "format_errors", "validate_prompt"]
 
 #: Widget types whose constant values are coerced; other types (MODEL, IMAGE, ...) only come by link.
 _COERCE_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 _TRUE_WORDS = {"true": True, "false": False}
-
-
-# --------------------------------------------------------------------------------------------- result
-@dataclass
-class ValidationResult:
-    """The outcome of :func:`validate_prompt`.
-
-    ``ok`` mirrors a 200 answer from ComfyUI: no prompt-level error and at least one output that can run
-    (``outputs``); ``node_errors`` may still hold errors of other outputs.  ``coerced`` is a copy of the
-    prompt (string node ids and link ids) with widget values converted to their declared types; list
-    constants keep their ``{"__value__": [...]}`` wrapper because a bare list means a link.
-    """
-
-    ok: bool
-    error: dict | None
-    node_errors: dict
-    outputs: list[str]
-    coerced: dict = field(default_factory=dict)
-    ui_titles: dict = field(default_factory=dict)
-
-
-def _error(kind: str, message: str, details: str, input_name: str | None = None,
-           input_config: Any = None, received_value: Any = None, **extra: Any) -> dict:
-    info: dict[str, Any] = {}
-    if input_name is not None:
-        info = {"input_name": input_name, "input_config": input_config, "received_value": received_value}
-    info.update(extra)
-    return {"type": kind, "message": message, "details": details, "extra_info": info}
 
 
 def _node_key(node_id: str) -> tuple:
@@ -63,8 +42,8 @@ def validate_prompt(prompt: Any, node_classes: Mapping[str, type],
     titles = dict(ui_titles or {})
     if not isinstance(prompt, Mapping):
         found = type(prompt).__name__
-        error = _error("invalid_prompt", "Cannot execute because the prompt is not an object.",
-                       f"expected {{node_id: {{class_type, inputs}}}}, found a {found}")
+        error = error_entry("invalid_prompt", "Cannot execute because the prompt is not an object.",
+                            f"expected {{node_id: {{class_type, inputs}}}}, found a {found}")
         return ValidationResult(False, error, {}, [], {}, titles)
 
     coerced: dict[str, Any] = {str(k): copy.deepcopy(v) for k, v in prompt.items()}
@@ -90,9 +69,9 @@ def validate_prompt(prompt: Any, node_classes: Mapping[str, type],
             for error in _check_node(node_id, coerced, classes, spec_cache):
                 report(node_id, error)
     for node_id, cycle in _cycles(reachable, coerced).items():
-        report(node_id, _error("dependency_cycle", "Dependency cycle detected",
-                               f"node {node_id} depends on its own output through links "
-                               f"(cycle among nodes {', '.join(cycle)})", cycle=cycle))
+        report(node_id, error_entry("dependency_cycle", "Dependency cycle detected",
+                                    f"node {node_id} depends on its own output through links "
+                                    f"(cycle among nodes {', '.join(cycle)})", cycle=cycle))
 
     good_outputs = []
     for out in outputs:
@@ -106,12 +85,12 @@ def validate_prompt(prompt: Any, node_classes: Mapping[str, type],
     if prompt_errors:
         error = prompt_errors[0]
     elif not outputs:
-        error = _error("prompt_no_outputs", "Prompt has no outputs",
-                       "no node of the workflow is an output node (OUTPUT_NODE = True), e.g. SaveImage")
+        error = error_entry("prompt_no_outputs", "Prompt has no outputs",
+                            "no node of the workflow is an output node (OUTPUT_NODE = True), e.g. SaveImage")
     elif not good_outputs:
         own = [f"{e['message']}: {e['details']}"
                for out in outputs for e in node_errors.get(out, {}).get("errors", [])]
-        error = _error("prompt_outputs_failed_validation", "Prompt outputs failed validation", "\n".join(own))
+        error = error_entry("prompt_outputs_failed_validation", "Prompt outputs failed validation", "\n".join(own))
     node_errors = {nid: node_errors[nid] for nid in sorted(node_errors, key=_node_key)}
     return ValidationResult(error is None, error, node_errors, good_outputs, coerced, titles)
 
@@ -122,22 +101,22 @@ def _resolve_classes(prompt: dict, node_classes: Mapping[str, type], report) -> 
     for node_id, node in prompt.items():
         where = f"Node ID '#{node_id}'"
         if not isinstance(node, dict):
-            report(node_id, _error("invalid_prompt", "Cannot execute because a node is not an object.",
-                                   f"{where}: expected {{class_type, inputs}}, found {type(node).__name__}",
-                                   node_id=node_id))
+            report(node_id, error_entry("invalid_prompt", "Cannot execute because a node is not an object.",
+                                        f"{where}: expected {{class_type, inputs}}, found {type(node).__name__}",
+                                        node_id=node_id))
             continue
         class_type = node.get("class_type")
         if not isinstance(class_type, str) or not class_type:
-            report(node_id, _error("invalid_prompt",
-                                   "Cannot execute because a node is missing the class_type property.",
-                                   where, node_id=node_id))
+            report(node_id, error_entry("invalid_prompt",
+                                        "Cannot execute because a node is missing the class_type property.",
+                                        where, node_id=node_id))
         elif class_type not in node_classes:
-            report(node_id, _error("invalid_prompt", f"Cannot execute because node {class_type} does not exist.",
-                                   f"{where}: no installed node class is named '{class_type}'",
-                                   node_id=node_id, class_type=class_type))
+            report(node_id, error_entry("invalid_prompt", f"Cannot execute because node {class_type} does not exist.",
+                                        f"{where}: no installed node class is named '{class_type}'",
+                                        node_id=node_id, class_type=class_type))
         elif not isinstance(node.get("inputs", {}), dict):
-            report(node_id, _error("invalid_prompt", "Cannot execute because a node's inputs are not an object.",
-                                   f"{where}: 'inputs' is a {type(node['inputs']).__name__}", node_id=node_id))
+            report(node_id, error_entry("invalid_prompt", "Cannot execute because a node's inputs are not an object.",
+                                        f"{where}: 'inputs' is a {type(node['inputs']).__name__}", node_id=node_id))
         else:
             node.setdefault("inputs", {})
             classes[node_id] = node_classes[class_type]
@@ -187,8 +166,8 @@ def _check_node(node_id: str, prompt: dict, classes: Mapping[str, type],
         if node_class not in spec_cache:
             spec_cache[node_class] = input_specs(node_class)
     except Exception as exc:  # a broken INPUT_TYPES must not hide the other nodes' errors
-        return [_error("exception_during_validation", "Exception when validating node",
-                       f"INPUT_TYPES() raised {type(exc).__name__}: {exc}", exception_type=type(exc).__name__)]
+        return [error_entry("exception_during_validation", "Exception when validating node",
+                            f"INPUT_TYPES() raised {type(exc).__name__}: {exc}", exception_type=type(exc).__name__)]
     specs = spec_cache[node_class]
 
     custom = _custom_validator(node_class)
@@ -201,8 +180,8 @@ def _check_node(node_id: str, prompt: dict, classes: Mapping[str, type],
     for spec in specs:
         if spec.name not in inputs:
             if spec.section == "required":
-                errors.append(_error("required_input_missing", "Required input is missing", spec.name,
-                                     spec.name, spec.config, None))
+                errors.append(error_entry("required_input_missing", "Required input is missing", spec.name,
+                                          spec.name, spec.config, None))
             continue
         value = inputs[spec.name]
         if isinstance(value, list):
@@ -230,28 +209,28 @@ def _check_link(spec: InputSpec, value: list, prompt: dict, classes: Mapping[str
                 type_check: bool) -> tuple[dict | None, Any]:
     """(error or None, the linked output's type or None when unknown) for a list-valued input."""
     if not is_link(value):
-        return _error("bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index]",
-                      f"{spec.name}: got {value!r}", spec.name, spec.config, value), None
+        return error_entry("bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                           f"{spec.name}: got {value!r}", spec.name, spec.config, value), None
     source, slot = str(value[0]), value[1]
     if source not in prompt:
-        return _error("bad_linked_input", f"Bad linked input: node '{source}' does not exist",
-                      f"{spec.name}: linked to output {slot} of node '{source}', which is not in the workflow",
-                      spec.name, spec.config, value), None
+        return error_entry("bad_linked_input", f"Bad linked input: node '{source}' does not exist",
+                           f"{spec.name}: linked to output {slot} of node '{source}', which is not in the workflow",
+                           spec.name, spec.config, value), None
     source_class = classes.get(source)
     if source_class is None:
         return None, None            # the source node carries its own invalid_prompt error
     return_types = tuple(getattr(source_class, "RETURN_TYPES", ()))
     if not 0 <= slot < len(return_types):
         class_type = prompt[source].get("class_type")
-        return _error("bad_linked_input", "Bad linked input: output slot out of range",
-                      f"{spec.name}: node {source} ({class_type}) has {len(return_types)} output(s) "
-                      f"(slots 0..{len(return_types) - 1}), the link asks for slot {slot}",
-                      spec.name, spec.config, value), None
+        return error_entry("bad_linked_input", "Bad linked input: output slot out of range",
+                           f"{spec.name}: node {source} ({class_type}) has {len(return_types)} output(s) "
+                           f"(slots 0..{len(return_types) - 1}), the link asks for slot {slot}",
+                           spec.name, spec.config, value), None
     received = return_types[slot]
     if type_check and not types_match(received, spec.type):
-        return _error("return_type_mismatch", "Return type mismatch between linked nodes",
-                      f"{spec.name}, received_type({received}) mismatch input_type({spec.type})",
-                      spec.name, spec.config, value, received_type=received, linked_node=value), received
+        return error_entry("return_type_mismatch", "Return type mismatch between linked nodes",
+                           f"{spec.name}, received_type({received}) mismatch input_type({spec.type})",
+                           spec.name, spec.config, value, received_type=received, linked_node=value), received
     return None, received
 
 
@@ -265,26 +244,49 @@ def _check_constant(spec: InputSpec, value: Any, skip_builtin: bool) -> tuple[di
         try:
             raw = _coerce(raw, spec.type)
         except (TypeError, ValueError, OverflowError) as exc:
-            return _error("invalid_input_type", f"Failed to convert an input value to a {spec.type} value",
-                          f"{spec.name}, {raw!r}, {exc}", spec.name, spec.config, raw,
-                          exception_message=str(exc)), value
+            return error_entry("invalid_input_type", f"Failed to convert an input value to a {spec.type} value",
+                               f"{spec.name}, {raw!r}, {exc}", spec.name, spec.config, raw,
+                               exception_message=str(exc)), value
     if skip_builtin:
         return None, raw
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
         low, high = spec.options.get("min"), spec.options.get("max")
         if low is not None and raw < low:
-            return _error("value_smaller_than_min", f"Value {raw} smaller than min of {low}", spec.name,
-                          spec.name, spec.config, raw), raw
+            return error_entry("value_smaller_than_min", f"Value {raw} smaller than min of {low}", spec.name,
+                               spec.name, spec.config, raw), raw
         if high is not None and raw > high:
-            return _error("value_bigger_than_max", f"Value {raw} bigger than max of {high}", spec.name,
-                          spec.name, spec.config, raw), raw
+            return error_entry("value_bigger_than_max", f"Value {raw} bigger than max of {high}", spec.name,
+                               spec.name, spec.config, raw), raw
     if spec.choices is not None and raw not in spec.choices:
         # Huge lists (every model file) are summarised, as ComfyUI does.
         listed = str(spec.choices) if len(spec.choices) <= 20 else f"(list of length {len(spec.choices)})"
         config = spec.config if len(spec.choices) <= 20 else None
-        return _error("value_not_in_list", "Value not in list", f"{spec.name}: '{raw}' not in {listed}",
-                      spec.name, config, raw), raw
+        return error_entry("value_not_in_list", "Value not in list", f"{spec.name}: '{raw}' not in {listed}",
+                           spec.name, config, raw, **_hint(_not_in_list_hint(raw, spec.choices))), raw
     return None, raw
+
+
+def _hint(text: str | None) -> dict:
+    return {"hint": text} if text else {}
+
+
+def _not_in_list_hint(value: Any, choices: list) -> str | None:
+    """What to do about a value that is not an option: a path rule, a near miss, or where files go.
+
+    None when the details already show every option (a short list) and the value is no path.
+    """
+    text = str(value)
+    if os.path.isabs(text) or ".." in text.replace("\\", "/").split("/"):
+        return ("names are relative to their folder: '..' and absolute paths are refused; put the file in the "
+                "folder and pick its name")
+    if 0 < len(choices) <= 20:
+        return None
+    close = difflib.get_close_matches(text, [str(c) for c in choices], n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
+    if not choices:
+        return "there is nothing to choose from: put the file in the node's folder ('ipadapter nodes' lists them)"
+    return "pick one of the listed options, or put the missing file in the node's folder ('ipadapter nodes' lists them)"
 
 
 def _coerce(value: Any, type_name: str) -> Any:
@@ -343,38 +345,11 @@ def _run_custom(node_class: type, class_type: str, custom: _CustomValidator, spe
     try:
         verdict = node_class.VALIDATE_INPUTS(**arguments)
     except Exception as exc:
-        return [_error("exception_during_validation", "Exception when validating node",
-                       f"{class_type}.VALIDATE_INPUTS raised {type(exc).__name__}: {exc}",
-                       input_name, spec.config if spec else None, received, exception_type=type(exc).__name__)]
+        return [error_entry("exception_during_validation", "Exception when validating node",
+                            f"{class_type}.VALIDATE_INPUTS raised {type(exc).__name__}: {exc}",
+                            input_name, spec.config if spec else None, received, exception_type=type(exc).__name__)]
     if verdict is True:
         return []
     details = class_type if verdict is False else f"{class_type} - {verdict}"
-    return [_error("custom_validation_failed", "Custom validation failed for node", details,
-                   input_name, spec.config if spec else None, received)]
-
-
-# --------------------------------------------------------------------------------------------- report
-def format_errors(result: ValidationResult, ui_titles: Mapping[str, tuple] | None = None) -> str:
-    """A human-readable report: one line per error naming node, UI node/title, class, input and message."""
-    titles = dict(result.ui_titles)
-    titles.update(ui_titles or {})
-    lines: list[str] = []
-    if result.error is not None:
-        lines.append(f"Workflow failed validation: {result.error['message']}")
-        if result.error["type"] == "prompt_no_outputs":
-            lines.append(f"  {result.error['details']}")
-    for node_id, entry in result.node_errors.items():
-        where = f"node {node_id}"
-        class_type = entry.get("class_type") or "?"
-        if node_id in titles:
-            ui_id, title = titles[node_id]
-            named = title and title != class_type      # a default title would only repeat the class
-            where += f" (UI node #{ui_id} '{title}')" if named else f" (UI node #{ui_id})"
-        for error in entry["errors"]:
-            input_name = error.get("extra_info", {}).get("input_name")
-            subject = f"{where} {class_type}" + (f", input '{input_name}'" if input_name else "")
-            details = error["details"].replace("\n", "; ")
-            lines.append(f"  {subject}: {error['message']} [{error['type']}] {details}".rstrip())
-    if result.ok and result.node_errors:
-        lines.insert(0, f"Some outputs failed validation; running only: {', '.join(result.outputs)}")
-    return "\n".join(lines)
+    return [error_entry("custom_validation_failed", "Custom validation failed for node", details,
+                        input_name, spec.config if spec else None, received)]

@@ -53,6 +53,7 @@ def load_workflow(source: str | os.PathLike | Mapping[str, Any],
     from each class's ``INPUT_TYPES``); they default to the headless registry.
     """
     if isinstance(source, Mapping):
+        check_depth(source, "<dict>")
         return _from_object(copy.deepcopy(dict(source)), "<dict>", node_classes, display_names)
     path = Path(source)
     origin = str(path)
@@ -77,12 +78,39 @@ def _parse_json(data: bytes | str, origin: str) -> Any:
             raise WorkflowFormatError(
                 f"{origin}: not UTF-8 text (byte {exc.start}); expected JSON or a PNG saved by ComfyUI") from None
     try:
-        return json.loads(data)
+        parsed = json.loads(data)
     except json.JSONDecodeError as exc:
         raise WorkflowFormatError(
             f"{origin}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
             f"{' (the file looks truncated)' if exc.pos >= len(data.rstrip()) else ''}; expected {_EXPECTED}"
         ) from None
+    except RecursionError:
+        raise WorkflowFormatError(_too_deep(origin)) from None
+    check_depth(parsed, origin)
+    return parsed
+
+
+#: Deeper than any real workflow (a UI workflow with subgraphs is about 10 levels); past it, copying and
+#: validating would hit Python's recursion limit.
+MAX_DEPTH = 100
+
+
+def _too_deep(origin: str, where: str = "") -> str:
+    return (f"{origin}: the JSON is nested more than {MAX_DEPTH} levels deep{where}; no ComfyUI workflow is. "
+            "The file is damaged or not a workflow.")
+
+
+def check_depth(data: Any, origin: str) -> None:
+    """Refuse JSON nested deeper than :data:`MAX_DEPTH` (walked without recursion), naming where."""
+    stack: list[tuple[Any, int, str]] = [(data, 0, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > MAX_DEPTH:
+            raise WorkflowFormatError(_too_deep(origin, f" (at {path[:120]}...)"))
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1, f"{path}/{k}") for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1, f"{path}/{i}") for i, v in enumerate(value))
 
 
 def _png_text(data: bytes, origin: str) -> dict[str, str]:
@@ -201,7 +229,8 @@ def apply_overrides(prompt: Mapping[str, Any], overrides: Iterable[str]) -> dict
             raise WorkflowFormatError(f"--set {item!r}: the workflow has no node '{node_id}' (nodes: {known})")
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError:
+            check_depth(value, f"--set {item!r}")
+        except (json.JSONDecodeError, RecursionError):
             value = raw
         node.setdefault("inputs", {})[input_name] = value
     return result

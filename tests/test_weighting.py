@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from ipadapter_nodes.core.adapter import attn2_layer_names
+from ipadapter_nodes.core.block_index import pack_block_index
+from ipadapter_nodes.core.block_scales import block_scales_to_layer_weights, parse_block_scales
 from ipadapter_nodes.core.weighting import (
-    WEIGHT_TYPES, LayerWeights, block_scales_to_layer_weights, composition_layers, layer_weights,
-    pack_block_index, parse_block_scales, parse_layer_weights, style_composition_weights,
+    WEIGHT_TYPES, LayerWeights, composition_layers, layer_weights, parse_layer_weights, style_composition_weights,
 )
 from ipadapter_nodes.runtime import tiny
 from ipadapter_nodes.runtime.tiny_adapters import make_adapter

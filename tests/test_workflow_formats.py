@@ -315,3 +315,14 @@ def test_bad_overrides_are_named(item, fragment):
     with pytest.raises(WorkflowFormatError) as caught:
         apply_overrides(EXPECTED_API, [item])
     assert repr(item) in str(caught.value) and fragment in str(caught.value)
+
+
+def test_the_upload_button_value_follows_the_last_required_widget():
+    """ComfyUI saves LoadImageMask as ["mask.png", "alpha", "image"]: the button comes after every widget."""
+    from ipadapter_nodes.runtime.registry import node_classes
+    from ipadapter_nodes.runtime.ui_convert import widget_inputs
+
+    classes = node_classes()
+    assert widget_inputs(classes["LoadImageMask"], ["mask.png", "alpha", "image"]) == {
+        "image": "mask.png", "channel": "alpha"}
+    assert widget_inputs(classes["LoadImage"], ["ref.png", "image"]) == {"image": "ref.png"}

@@ -12,9 +12,6 @@ from PIL.PngImagePlugin import PngInfo
 from ...core import folders
 from .image import image_to_pil, save_target, write_new_file
 
-_FPS = ("FLOAT", {"default": 6.0, "min": 0.01, "max": 1000.0, "step": 0.01})
-_HIDDEN = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
-
 
 def _frames(images: torch.Tensor) -> list[Image.Image]:
     if images.ndim == 3:
@@ -32,6 +29,16 @@ class _AnimatedSaver:
     FUNCTION = "save_images"
     OUTPUT_NODE = True
     CATEGORY = "image/animation"
+
+    @staticmethod
+    def _inputs(**more: tuple) -> dict:
+        """INPUT_TYPES of a saver: images, filename_prefix, fps, then the format's own widgets ``more``."""
+        return {"required": {
+            "images": ("IMAGE",),
+            "filename_prefix": ("STRING", {"default": "ComfyUI"}),
+            "fps": ("FLOAT", {"default": 6.0, "min": 0.01, "max": 1000.0, "step": 0.01}),
+            **more,
+        }, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
 
     def _save(self, images: torch.Tensor, filename_prefix: str, write) -> dict:
         frames = _frames(images)
@@ -51,14 +58,9 @@ class SaveAnimatedWEBP(_AnimatedSaver):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "images": ("IMAGE",),
-            "filename_prefix": ("STRING", {"default": "ComfyUI"}),
-            "fps": _FPS,
-            "lossless": ("BOOLEAN", {"default": True}),
-            "quality": ("INT", {"default": 80, "min": 0, "max": 100}),
-            "method": (list(cls.methods.keys()),),
-        }, "hidden": dict(_HIDDEN)}
+        return cls._inputs(lossless=("BOOLEAN", {"default": True}),
+                           quality=("INT", {"default": 80, "min": 0, "max": 100}),
+                           method=(list(cls.methods.keys()),))
 
     def save_images(self, images: torch.Tensor, fps: float, filename_prefix: str, lossless: bool, quality: int,
                     method: str, num_frames: int = 0, prompt: Any = None, extra_pnginfo: dict | None = None) -> dict:
@@ -85,12 +87,7 @@ class SaveAnimatedPNG(_AnimatedSaver):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "images": ("IMAGE",),
-            "filename_prefix": ("STRING", {"default": "ComfyUI"}),
-            "fps": _FPS,
-            "compress_level": ("INT", {"default": 4, "min": 0, "max": 9}),
-        }, "hidden": dict(_HIDDEN)}
+        return cls._inputs(compress_level=("INT", {"default": 4, "min": 0, "max": 9}))
 
     def save_images(self, images: torch.Tensor, fps: float, compress_level: int, filename_prefix: str = "ComfyUI",
                     prompt: Any = None, extra_pnginfo: dict | None = None) -> dict:
@@ -116,11 +113,7 @@ class SaveAnimatedGIF(_AnimatedSaver):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "images": ("IMAGE",),
-            "filename_prefix": ("STRING", {"default": "ComfyUI"}),
-            "fps": _FPS,
-        }, "hidden": dict(_HIDDEN)}
+        return cls._inputs()
 
     def save_images(self, images: torch.Tensor, fps: float, filename_prefix: str = "ComfyUI", prompt: Any = None,
                     extra_pnginfo: dict | None = None) -> dict:

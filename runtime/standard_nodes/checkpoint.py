@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ...core.checkpoint import check_safetensors_file, load_torch_weights
 from ...core import folders
 from ...core.backends.diffusers import DiffusersModel
 from ..handles import TextEncoderHandle, VAEHandle
@@ -104,13 +105,14 @@ def _read_keys(path: Path) -> tuple[list[str], int | None]:
     if path.suffix.lower() in (".safetensors", ".sft"):
         from safetensors import safe_open
 
+        check_safetensors_file(path, "checkpoint")
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
             in_channels = f.get_slice(_CONV_IN_KEY).get_shape()[1] if _CONV_IN_KEY in keys else None
             return keys, in_channels
-    import torch
-
-    data = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    data = load_torch_weights(path, "checkpoint")  # weights_only: a pickle that would run code is refused
+    if not isinstance(data, dict):
+        raise ValueError(f"checkpoint '{path.name}': expected a dictionary of tensors, found {type(data).__name__}")
     data = data.get("state_dict", data)
     conv_in = data.get(_CONV_IN_KEY)
     return list(data.keys()), None if conv_in is None else int(conv_in.shape[1])

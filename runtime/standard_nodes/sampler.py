@@ -3,9 +3,19 @@ from __future__ import annotations
 
 from .. import sampling, sigma_schedules
 
-_SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True})
-_STEPS = ("INT", {"default": 20, "min": 1, "max": 10000})
-_CFG = ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01})
+
+def _sampling_inputs(seed_name: str) -> dict:
+    """The inputs both samplers share, in ComfyUI's widget order from the seed to the latent."""
+    return {
+        seed_name: ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+        "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+        "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+        "sampler_name": (list(sampling.SAMPLER_NAMES),),
+        "scheduler": (list(sigma_schedules.SCHEDULER_NAMES),),
+        "positive": ("CONDITIONING",),
+        "negative": ("CONDITIONING",),
+        "latent_image": ("LATENT",),
+    }
 
 
 class KSampler:
@@ -15,14 +25,7 @@ class KSampler:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model": ("MODEL",),
-            "seed": _SEED,
-            "steps": _STEPS,
-            "cfg": _CFG,
-            "sampler_name": (list(sampling.SAMPLER_NAMES),),
-            "scheduler": (list(sigma_schedules.SCHEDULER_NAMES),),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "latent_image": ("LATENT",),
+            **_sampling_inputs("seed"),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
         }}
 
@@ -45,14 +48,7 @@ class KSamplerAdvanced:
         return {"required": {
             "model": ("MODEL",),
             "add_noise": (["enable", "disable"],),
-            "noise_seed": _SEED,
-            "steps": _STEPS,
-            "cfg": _CFG,
-            "sampler_name": (list(sampling.SAMPLER_NAMES),),
-            "scheduler": (list(sigma_schedules.SCHEDULER_NAMES),),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "latent_image": ("LATENT",),
+            **_sampling_inputs("noise_seed"),
             "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000}),
             "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000}),
             "return_with_leftover_noise": (["disable", "enable"],),
