@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 # Attention heads cannot be read from weight shapes.  Known public widths (hidden size → heads); other
 # widths need `num_attention_heads` in the safetensors metadata or a transformers folder with config.json.
-_KNOWN_HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16, 48: 4, 64: 4}
+_KNOWN_HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16}
 # OpenAI's own ViT-B/L towers use quick_gelu; the OpenCLIP LAION towers (ViT-H, ViT-bigG) use gelu.
 _QUICK_GELU_WIDTHS = (768, 1024)
 

@@ -13,12 +13,10 @@ files here, and the ``torch.save`` pickles of the existing pack (``.ipadpt``) an
 from __future__ import annotations
 
 import os
-import re
-import secrets
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import folders
+from . import files
 from .embeds import Embeds
 from .embeds_file import FACE_WIDTH, FEATURES, LAYOUTS, EmbedsFile, EmbedsFileError
 from .embeds_legacy import read_pickled_embeds
@@ -43,24 +41,11 @@ def next_free_path(folder: str | os.PathLike, prefix: str, ext: str = ".safetens
     As ComfyUI's save nodes: ``prefix`` may name sub-folders (``"embeds/IP_embeds"``), which are created;
     one that leaves ``folder`` raises :class:`core.folders.PathOutsideFolderError`.
     """
-    prefix = prefix.replace("\\", "/")
-    subfolder, _, base = prefix.rpartition("/")
-    if not base:
-        raise ValueError(f"filename_prefix '{prefix}' has no file name part; give e.g. 'IP_embeds'")
-    if os.path.isabs(prefix):
-        raise folders.PathOutsideFolderError(
-            f"filename_prefix '{prefix}' is absolute; use a name relative to the output folder '{folder}'")
-    try:
-        target = folders.resolve_inside(folder, subfolder or ".", what="filename_prefix")
-    except folders.PathOutsideFolderError:
-        # name the whole prefix the user typed, not only its folder part
-        raise folders.PathOutsideFolderError(
-            f"filename_prefix '{prefix}' points outside the output folder '{folder}'; use a name relative to it "
-            f"without '..', e.g. 'embeds/IP_embeds'") from None
-    target.mkdir(parents=True, exist_ok=True)
-    pattern = re.compile(re.escape(base) + r"_(\d+)_")
-    counters = [int(m.group(1)) for entry in os.scandir(target) if (m := pattern.match(entry.name))]
-    return target / f"{base}_{max(counters, default=0) + 1:05d}_{ext}"
+    target, _, base, counter = files.numbered_target(
+        folder, prefix,
+        outside=lambda given: (f"filename_prefix '{given}' points outside the output folder '{folder}'; use a "
+                               f"name relative to it without '..' or an absolute path, e.g. 'embeds/IP_embeds'"))
+    return target / f"{base}_{counter:05d}_{ext}"
 
 
 def save_embeds(embeds: Embeds, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
@@ -126,29 +111,10 @@ def _write_all(handle: Any, data: bytes) -> None:
 
 
 def _write_new(final: Path, data: bytes) -> None:
-    temp = final.parent / f".{final.name}.{secrets.token_hex(6)}.part"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            _write_all(handle, data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            try:
-                os.link(temp, final)  # fails if the name was taken meanwhile: never overwrites
-            except FileExistsError:
-                raise
-            except OSError:  # a file system without hard links: reserve the name exclusively, then replace it
-                os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-                try:
-                    os.replace(temp, final)
-                except BaseException:
-                    final.unlink(missing_ok=True)
-                    raise
-        except FileExistsError:
-            raise FileExistsError(f"embeds file '{final}' already exists and is never overwritten") from None
-    finally:
-        temp.unlink(missing_ok=True)
+        files.write_new(final, lambda handle: _write_all(handle, data))
+    except FileExistsError:
+        raise FileExistsError(f"embeds file '{final}' already exists and is never overwritten") from None
 
 
 # ------------------------------------------------------------------------------------------------ reading

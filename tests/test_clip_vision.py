@@ -171,7 +171,9 @@ def test_openclip_naming_loads_to_the_same_encoder(clip_dir, tmp_path):
     openclip = {"transformer.resblocks.0.attn.in_proj_weight": torch.zeros(12, 4),
                 "token_embedding.weight": torch.zeros(4, 4), **openclip}
     path = tmp_path / "open_clip_vit_h.safetensors"
-    save_file(openclip, str(path))
+    # heads cannot be read from shapes; real files have public widths (known heads), the tiny one says it
+    save_file(openclip, str(path), metadata={"num_attention_heads": str(TINY_CLIP_VISION["vit-h"]["num_attention_heads"]),
+                                              "hidden_act": "gelu"})
     image = torch.rand(1, 64, 64, 3)
     ref = encode.load_clip_vision(clip_dir / "tiny-vit-h").encode(image)
     out = encode.load_clip_vision(path).encode(image)

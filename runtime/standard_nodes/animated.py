@@ -10,7 +10,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ...core import folders
-from .image import image_to_pil, save_target, write_new_file
+from ...core.files import write_new_file
+from .image import image_to_pil, save_target
 
 
 def _frames(images: torch.Tensor) -> list[Image.Image]:

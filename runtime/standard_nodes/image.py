@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
-from ...core import folders
+from ...core import files, folders
+from ...core.files import write_new_file
 
 # "name.png [output]" picks another root, as ComfyUI's annotated file names do.
 _ANNOTATION = re.compile(r"^(?P<name>.*?)\s*\[(?P<root>input|output|temp)\]$")
@@ -143,69 +144,11 @@ def save_target(root: str, prefix: str, width: int, height: int) -> tuple[Path, 
     The counter continues the highest ``<base>_<digits>`` already in the folder.  A prefix that leaves
     ``root`` (``..``, absolute, an escaping link) raises ``PathOutsideFolderError``.
     """
-    prefix = _expand_prefix(prefix, width, height).replace("\\", "/")
-    subfolder, _, base = prefix.rpartition("/")
-    if not base:
-        raise ValueError(f"SaveImage: filename_prefix '{prefix}' has no file name part")
-    outside = folders.PathOutsideFolderError(
-        f"Saving image outside the output folder is not allowed: filename_prefix '{prefix}' leaves '{root}'; "
-        f"use a relative prefix such as 'my_folder/image'")
-    if os.path.isabs(prefix):
-        raise outside
-    try:
-        folder = folders.resolve_inside(root, subfolder or ".", what="SaveImage filename_prefix")
-    except folders.PathOutsideFolderError:
-        raise outside from None
-    folder.mkdir(parents=True, exist_ok=True)
-    pattern = re.compile(re.escape(base) + r"_(\d+)")
-    counters = [int(m.group(1)) for e in os.scandir(folder) if (m := pattern.match(e.name))]
-    relative = os.path.relpath(folder, Path(root).resolve()).replace(os.sep, "/")
-    return folder, "" if relative == "." else relative, base, max(counters, default=0) + 1
-
-
-def write_new_file(folder: Path, name_for: Callable[[int], str], counter: int,
-                   write: Callable[[Any], None]) -> tuple[str, int]:
-    """Write ``write(file)`` to a new file ``name_for(counter)`` (counter raised past existing names).
-
-    Never overwrites and never leaves a partial file: the bytes go to a hidden temporary name in the same
-    folder, which is then hard-linked to the final name only if that does not exist yet (where links are not
-    supported, the final name is reserved with an exclusive create and replaced).  On any exception,
-    KeyboardInterrupt included, the temporary file is removed.  Returns (file name, counter used).
-    """
-    temp = folder / f".{name_for(counter)}.{secrets.token_hex(6)}.part"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        while True:
-            final = folder / name_for(counter)
-            try:
-                os.link(temp, final)
-                return final.name, counter
-            except FileExistsError:
-                counter += 1
-            except OSError:  # no hard links on this file system
-                if _reserve_and_replace(temp, final):
-                    return final.name, counter
-                counter += 1
-    finally:
-        if temp.exists():
-            temp.unlink()
-
-
-def _reserve_and_replace(temp: Path, final: Path) -> bool:
-    try:
-        os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except FileExistsError:
-        return False
-    try:
-        os.replace(temp, final)
-    except BaseException:
-        final.unlink()
-        raise
-    return True
+    prefix = _expand_prefix(prefix, width, height)
+    return files.numbered_target(
+        root, prefix, what="SaveImage filename_prefix",
+        outside=lambda given: (f"Saving image outside the output folder is not allowed: filename_prefix '{given}' "
+                               f"leaves '{root}'; use a relative prefix such as 'my_folder/image'"))
 
 
 def image_to_pil(image: torch.Tensor) -> Image.Image:
