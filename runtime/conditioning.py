@@ -66,9 +66,9 @@ def repeat_to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     return tensor
 
 
-def resize_center(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``[B,C,h,w]`` → ``[B,C,height,width]``: centre-crop to the aspect, then bilinear (ComfyUI's
-    ``common_upscale(..., "bilinear", "center")``)."""
+def resize_center(tensor: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
+    """``[B,C,h,w]`` → ``[B,C,height,width]``: centre-crop to the target aspect, then resize with ``mode``
+    (ComfyUI's ``common_upscale(..., mode, "center")``)."""
     old_h, old_w = tensor.shape[-2:]
     if (old_h, old_w) == (height, width):
         return tensor
@@ -78,10 +78,9 @@ def resize_center(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor
         x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
     elif old_aspect < new_aspect:
         y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-    return F.interpolate(tensor[..., y:old_h - y, x:old_w - x], size=(height, width), mode="bilinear")
+    return F.interpolate(tensor[..., y:old_h - y, x:old_w - x], size=(height, width), mode=mode)
 
 
-# ------------------------------------------------------------------------------------------------ areas
 def _resolve_area(area: Any, mask: torch.Tensor | None, bounds: bool, hw: tuple[int, int]) -> Area | None:
     if mask is not None and bounds:
         union = mask.abs().amax(dim=0)

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..core import folders
 from ..core.backends.diffusers import NoiseSchedule
+from .conditioning import resize_center
 
 FOLDER = "controlnet"
 CONFIG_NAME = "config.json"
@@ -138,15 +138,9 @@ def resize_hint(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """IMAGE ``[B,H,W,C]`` → ``[B,C,height,width]``: centre-crop to the target aspect, then nearest-exact
     (ComfyUI's ``common_upscale(..., "nearest-exact", "center")``)."""
     hint = image.movedim(-1, 1)
-    old_h, old_w = hint.shape[-2:]
-    old_aspect, new_aspect = old_w / old_h, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-    hint = hint[..., y:old_h - y, x:old_w - x]
-    return F.interpolate(hint, size=(height, width), mode="nearest-exact")
+    if tuple(hint.shape[-2:]) == (height, width):  # nearest-exact at the same size is the identity
+        return hint
+    return resize_center(hint, height, width, mode="nearest-exact")
 
 
 def _to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:

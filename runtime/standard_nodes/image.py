@@ -84,6 +84,27 @@ def load_image_file(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
     return torch.stack(images), torch.stack(masks)
 
 
+def input_file_hash(image: str) -> str | float:
+    """IS_CHANGED of the nodes that read a file of the input folder: its content hash (NaN: always re-run,
+    so the run reports the real error)."""
+    try:
+        return hashlib.sha256(image_path(image).read_bytes()).hexdigest()
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def check_input_file(image: str) -> bool | str:
+    """VALIDATE_INPUTS of the nodes that read a file of the input folder: it must be inside it and exist."""
+    try:
+        path = image_path(image)
+    except folders.PathOutsideFolderError as err:
+        return str(err)  # the validator already names the node; the error names the input
+    if not path.is_file():
+        return (f"image file '{image}' not found in '{path.parent}'; put the file in the input folder or "
+                f"choose one of the listed files")
+    return True
+
+
 class LoadImage:
     """Load an image from the input folder → IMAGE and MASK (1 - alpha)."""
 
@@ -103,22 +124,11 @@ class LoadImage:
 
     @classmethod
     def IS_CHANGED(cls, image: str) -> str | float:
-        try:
-            path = image_path(image)
-            return hashlib.sha256(path.read_bytes()).hexdigest()
-        except (OSError, ValueError):
-            return float("nan")  # always re-run, so the run reports the real error
+        return input_file_hash(image)
 
     @classmethod
     def VALIDATE_INPUTS(cls, image: str) -> bool | str:
-        try:
-            path = image_path(image)
-        except folders.PathOutsideFolderError as err:
-            return str(err)  # the validator already names the node; the error names the input
-        if not path.is_file():
-            return (f"image file '{image}' not found in '{path.parent}'; put the file in the input folder or "
-                    f"choose one of the listed images")
-        return True
+        return check_input_file(image)
 
 
 # ----------------------------------------------------------------------------------------------- saving

@@ -9,7 +9,6 @@ broadcast) raise errors that say what to do.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from ...core import folders
-from .image import image_path
+from .image import check_input_file, image_path, input_file_hash
 from .latent import MAX_RESOLUTION
 
 _OFFSET = ("INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 1})
@@ -82,21 +81,11 @@ class LoadImageMask:
 
     @classmethod
     def IS_CHANGED(cls, image: str, channel: str) -> str | float:
-        try:
-            return hashlib.sha256(image_path(image).read_bytes()).hexdigest()
-        except (OSError, ValueError):
-            return float("nan")  # always re-run, so the run reports the real error
+        return input_file_hash(image)
 
     @classmethod
     def VALIDATE_INPUTS(cls, image: str) -> bool | str:
-        try:
-            path = image_path(image)
-        except folders.PathOutsideFolderError as err:
-            return str(err)
-        if not path.is_file():
-            return (f"image file '{image}' not found in '{path.parent}'; put the file in the input folder or "
-                    f"choose one of the listed files")
-        return True
+        return check_input_file(image)
 
 
 # ------------------------------------------------------------------------------------------- simple masks
