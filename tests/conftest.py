@@ -35,3 +35,29 @@ def tiny_faces_dir(tiny_models_dir) -> Path:
     from tiny_faces import ensure_tiny_faces
 
     return ensure_tiny_faces(tiny_models_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tiny_models_dir):
+    """Folders point at the tiny model set for one test module (``pytestmark = usefixtures("tiny_folders")``)."""
+    from ipadapter_nodes.core import folders
+
+    previous = folders._provider
+    folders.configure(folders.FolderLayout(models_dirs=[str(tiny_models_dir)]))
+    yield tiny_models_dir
+    folders._provider = previous
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    """Empty models/input/output/temp folders under ``tmp_path``, installed as the folder layout."""
+    from ipadapter_nodes.core import folders
+
+    layout = folders.FolderLayout(models_dirs=[str(tmp_path / "models")], input_dir=str(tmp_path / "input"),
+                                  output_dir=str(tmp_path / "output"), temp_dir=str(tmp_path / "temp"))
+    for d in (layout.input_dir, layout.output_dir, layout.temp_dir):
+        os.makedirs(d)
+    saved = folders._provider
+    folders.configure(layout)
+    yield layout
+    folders._provider = saved

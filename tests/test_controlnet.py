@@ -17,12 +17,7 @@ from ipadapter_nodes.runtime.standard_nodes.conditioning import ControlNetApplyA
 CFG, SEED, SIZE = 4.0, 11, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_folders(tiny_models_dir):
-    previous = folders._provider
-    folders.configure(folders.FolderLayout(models_dirs=[str(tiny_models_dir)]))
-    yield
-    folders._provider = previous
+pytestmark = pytest.mark.usefixtures("tiny_folders")
 
 
 @pytest.fixture(scope="module")

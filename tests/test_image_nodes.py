@@ -13,18 +13,6 @@ from ipadapter_nodes.core import folders
 from ipadapter_nodes.runtime.standard_nodes import image as nodes
 
 
-@pytest.fixture
-def dirs(tmp_path):
-    layout = folders.FolderLayout(models_dirs=[str(tmp_path / "models")], input_dir=str(tmp_path / "input"),
-                                  output_dir=str(tmp_path / "output"), temp_dir=str(tmp_path / "temp"))
-    for d in (layout.input_dir, layout.output_dir, layout.temp_dir):
-        os.makedirs(d)
-    saved = folders._provider
-    folders.configure(layout)
-    yield layout
-    folders._provider = saved
-
-
 def rgba_file(path, alpha_value=64):
     pixels = np.zeros((6, 10, 4), np.uint8)
     pixels[..., 0] = 200

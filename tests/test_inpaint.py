@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from ipadapter_nodes.core import folders
 from ipadapter_nodes.runtime import sampling, sigma_schedules
 from ipadapter_nodes.runtime.standard_nodes.checkpoint import load_checkpoint
 from ipadapter_nodes.runtime.standard_nodes.inpaint import SetLatentNoiseMask, VAEEncodeForInpaint
@@ -17,12 +16,7 @@ from ipadapter_nodes.runtime.standard_nodes.sampler import KSampler
 SIZE = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_folders(tiny_models_dir):
-    previous = folders._provider
-    folders.configure(folders.FolderLayout(models_dirs=[str(tiny_models_dir)]))
-    yield
-    folders._provider = previous
+pytestmark = pytest.mark.usefixtures("tiny_folders")
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,6 @@ from ipadapter_nodes.runtime.standard_nodes import NODE_CLASS_MAPPINGS
 from ipadapter_nodes.runtime.standard_nodes import masks as nodes
 
 
-@pytest.fixture
-def dirs(tmp_path):
-    layout = folders.FolderLayout(models_dirs=[str(tmp_path / "models")], input_dir=str(tmp_path / "input"),
-                                  output_dir=str(tmp_path / "output"), temp_dir=str(tmp_path / "temp"))
-    for d in (layout.input_dir, layout.output_dir, layout.temp_dir):
-        os.makedirs(d)
-    saved = folders._provider
-    folders.configure(layout)
-    yield layout
-    folders._provider = saved
-
-
 def close(actual: torch.Tensor, expected) -> None:
     """``actual`` equals the hand-computed numbers (float32 rounding aside)."""
     torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), rtol=1e-6, atol=1e-7)

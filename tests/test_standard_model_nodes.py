@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ipadapter_nodes.core import folders
 from ipadapter_nodes.core.backends.diffusers import DiffusersModel
 from ipadapter_nodes.runtime.handles import TextEncoderHandle, VAEHandle
 from ipadapter_nodes.runtime.standard_nodes import checkpoint, latent, text
@@ -24,12 +23,7 @@ COMFY_DECLARATIONS = {
 PROMPT = "a photo of the cat sitting on a chair"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_folders(tiny_models_dir):
-    previous = folders._provider
-    folders.configure(folders.FolderLayout(models_dirs=[str(tiny_models_dir)]))
-    yield
-    folders._provider = previous
+pytestmark = pytest.mark.usefixtures("tiny_folders")
 
 
 @pytest.fixture(scope="module")
