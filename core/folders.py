@@ -54,15 +54,18 @@ class FolderLayout:
     input_dir: str = field(default_factory=lambda: os.path.join(os.getcwd(), "input"))
     output_dir: str = field(default_factory=lambda: os.path.join(os.getcwd(), "output"))
     temp_dir: str = field(default_factory=lambda: os.path.join(os.getcwd(), "temp"))
-    # extra paths per folder name, e.g. from extra_model_paths.yaml; searched after models_dirs.
+    # extra paths per folder name, e.g. from extra_model_paths.yaml: ``preferred_paths`` (sections marked
+    # is_default) are searched before models_dirs, ``extra_paths`` after them, as ComfyUI orders them.
     extra_paths: dict[str, list[str]] = field(default_factory=dict)
+    preferred_paths: dict[str, list[str]] = field(default_factory=dict)
 
     def get_folder_paths(self, folder: str) -> list[str]:
         aliases = {"unet": "diffusion_models", "clip": "text_encoders"}
         folder = aliases.get(folder, folder)
-        paths = [os.path.join(d, folder) for d in self.models_dirs]
+        paths = list(self.preferred_paths.get(folder, []))
+        paths += [os.path.join(d, folder) for d in self.models_dirs]
         paths += self.extra_paths.get(folder, [])
-        return paths
+        return list(dict.fromkeys(paths))
 
     def get_filename_list(self, folder: str) -> list[str]:
         names: set[str] = set()

@@ -29,11 +29,11 @@ class ExtraModelPathsError(ValueError):
     """An extra_model_paths.yaml file could not be read or has the wrong shape."""
 
 
-def read_extra_model_paths(path: str | os.PathLike) -> dict[str, list[str]]:
+def read_extra_model_paths_by_priority(path: str | os.PathLike) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Folder name → absolute paths listed in a ComfyUI ``extra_model_paths.yaml``.
 
-    Within a folder, paths of sections marked ``is_default: true`` come first (ComfyUI puts them before
-    its own folder); otherwise file order.  Raises :class:`ExtraModelPathsError` naming the file.
+    Returns (paths of sections marked ``is_default: true``, paths of the other sections), each folder name →
+    absolute paths in file order.  Raises :class:`ExtraModelPathsError` naming the file.
     """
     yaml_path = Path(path).expanduser().resolve()
     try:
@@ -43,7 +43,7 @@ def read_extra_model_paths(path: str | os.PathLike) -> dict[str, list[str]]:
     except yaml.YAMLError as exc:
         raise ExtraModelPathsError(f"'{yaml_path}' is not valid YAML: {exc}") from exc
     if config is None:
-        return {}
+        return {}, {}
     if not isinstance(config, dict):
         raise ExtraModelPathsError(
             f"'{yaml_path}': expected sections (a mapping of name → folders), found {type(config).__name__}"
@@ -67,8 +67,17 @@ def read_extra_model_paths(path: str | os.PathLike) -> dict[str, list[str]]:
             for entry in _path_lines(value, yaml_path, section_name, folder):
                 full = os.path.join(base, entry) if base else os.path.join(yaml_path.parent, entry)
                 target.setdefault(name, []).append(os.path.normpath(full))
+    return defaults, others
+
+
+def read_extra_model_paths(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Folder name → absolute paths listed in a ComfyUI ``extra_model_paths.yaml``.
+
+    Within a folder, paths of sections marked ``is_default: true`` come first (ComfyUI puts them before
+    its own folder); otherwise file order.  Raises :class:`ExtraModelPathsError` naming the file.
+    """
     merged: dict[str, list[str]] = {}
-    for table in (defaults, others):
+    for table in read_extra_model_paths_by_priority(path):
         for name, paths in table.items():
             bucket = merged.setdefault(name, [])
             bucket.extend(p for p in paths if p not in bucket)
@@ -135,13 +144,14 @@ def configure_folders(
         return str((Path(value).expanduser() if value is not None else cwd / default).resolve())
 
     yaml_path = Path(extra_model_paths) if extra_model_paths is not None else find_extra_model_paths(models_dir)
-    extra = read_extra_model_paths(yaml_path) if yaml_path is not None else {}
+    preferred, extra = read_extra_model_paths_by_priority(yaml_path) if yaml_path is not None else ({}, {})
     layout = folders.FolderLayout(
         models_dirs=[absolute(models_dir, "models")],
         input_dir=absolute(input_dir, "input"),
         output_dir=absolute(output_dir, "output"),
         temp_dir=absolute(temp_dir, "temp"),
         extra_paths=extra,
+        preferred_paths=preferred,
     )
     folders.configure(layout)
     return layout

@@ -291,6 +291,19 @@ def test_extra_model_paths_are_read_like_comfyui(tmp_path):
     assert "base_path" not in paths and "is_default" not in paths
 
 
+def test_is_default_sections_are_searched_before_the_models_folder(tmp_path):
+    yaml_path = tmp_path / "extra_model_paths.yaml"
+    yaml_path.write_text("main:\n    is_default: true\n    ipadapter: preferred\nmore:\n    ipadapter: later\n")
+    for folder in ("preferred", "later", "models/ipadapter"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "same.safetensors").write_bytes(folder.encode())
+    layout = configure_folders(models_dir=tmp_path / "models", extra_model_paths=yaml_path)
+    assert layout.get_folder_paths("ipadapter") == [
+        str(tmp_path / "preferred"), str(tmp_path / "models" / "ipadapter"), str(tmp_path / "later")]
+    # the first folder holding the name wins, as in ComfyUI
+    assert layout.get_full_path("ipadapter", "same.safetensors") == str(tmp_path / "preferred" / "same.safetensors")
+
+
 def test_configure_folders_finds_the_yaml_next_to_the_models_folder(tmp_path):
     (tmp_path / "extra_model_paths.yaml").write_text("more:\n    ipadapter: elsewhere\n")
     (tmp_path / "elsewhere").mkdir()
