@@ -165,8 +165,9 @@ class ControlRun:
         for link in links:
             if link.controlnet.family != self.family:
                 raise ValueError(
-                    f"ControlNet '{link.controlnet.name}' was made for {link.controlnet.family} but the model is "
-                    f"{self.family}; load a ControlNet for the checkpoint's family")
+                    f"KSampler: ControlNet '{link.controlnet.name}' (from ControlNetApplyAdvanced) was made for "
+                    f"{link.controlnet.family} but the model is {self.family}; load a ControlNet made for "
+                    f"{self.family} checkpoints")
         self.windows = [(self.schedule.percent_to_sigma(l.start_percent), self.schedule.percent_to_sigma(l.end_percent))
                         for l in links]
 

@@ -95,7 +95,7 @@ RULES: dict[str, tuple[tuple[str, str | None], ...]] = {
         (r"", "tiny-lora-sd15.safetensors"),
     ),
     "controlnet": (
-        (r"xl", None),
+        (r"xl", "tiny-controlnet-sdxl"),
         (r"", "tiny-controlnet-sd15"),
     ),
     "animatediff_models": (

@@ -55,14 +55,15 @@ from .tiny_tokenizer import TINY_VOCAB_SIZE, make_tokenizer, tiny_vocab, write_v
 __all__ = [
     "TINY_SD15", "TINY_SDXL", "TINY_CLIP_VISION", "TINY_VAE", "TINY_TEXT", "TINY_CONTROLNET_HINT_CHANNELS",
     "TINY_PATHS", "TINY_VERSION", "STAMP_NAME", "CLIP_MEAN", "CLIP_STD", "SD15_SCHEDULER", "SDXL_SCHEDULER",
-    "SEEDS", "build_sd15_unet", "build_sdxl_unet", "build_sd15_controlnet", "build_clip_vision",
+    "SEEDS", "build_sd15_unet", "build_sdxl_unet", "build_sd15_controlnet", "build_sdxl_controlnet",
+    "build_clip_vision",
     "ensure_tiny_models",
     # re-exported from runtime.tiny_tokenizer, where they live
     "TINY_VOCAB_SIZE", "make_tokenizer", "tiny_vocab",
 ]
 
 # Bump when anything below changes what is written; a models folder with another stamp is rebuilt.
-TINY_VERSION = "3"
+TINY_VERSION = "4"
 STAMP_NAME = ".tiny-models-version"
 
 # The tiny VAE is not part of the shared contract: only its downscale factor (8) and 4 latent channels are.
@@ -87,7 +88,8 @@ SDXL_SCHEDULER = dict(
 
 # Fixed seeds, one per model, so each model's weights do not depend on what else is built.
 SEEDS = dict(sd15_unet=1501, sd15_vae=1502, sd15_text=1503, sdxl_unet=2101, sdxl_vae=2102, sdxl_text=2103,
-             sdxl_text_2=2104, vit_h=3101, vit_bigG=3102, sd15_inpaint_unet=1504, controlnet_sd15=1505)
+             sdxl_text_2=2104, vit_h=3101, vit_bigG=3102, sd15_inpaint_unet=1504, controlnet_sd15=1505,
+             controlnet_sdxl=2105)
 # The ControlNet's hint encoder: 4 levels like the real (16, 32, 96, 256), so the original layout's
 # input_hint_block numbering (0, 2, ..., 12, 14) holds.
 TINY_CONTROLNET_HINT_CHANNELS = (8, 8, 16, 16)
@@ -102,6 +104,7 @@ TINY_PATHS = {
     "tiny-sd15-inpaint.safetensors": "checkpoints/tiny-sd15-inpaint.safetensors",
     "tiny-controlnet-sd15": "controlnet/tiny-controlnet-sd15",                # diffusers ControlNetModel
     "tiny-controlnet-sd15.safetensors": "controlnet/tiny-controlnet-sd15.safetensors",  # original layout
+    "tiny-controlnet-sdxl": "controlnet/tiny-controlnet-sdxl",                # diffusers ControlNetModel
     "tiny-vit-h": "clip_vision/tiny-vit-h",
     "tiny-vit-bigG": "clip_vision/tiny-vit-bigG",
     "tiny-vit-h.safetensors": "clip_vision/tiny-vit-h.safetensors",
@@ -225,17 +228,16 @@ def _write_sdxl(folder: Path) -> None:
         write_vocab_files(folder / name)
 
 
-def build_sd15_controlnet():
-    """ControlNetModel made from the tiny SD1.5 UNet (as real ControlNets start from their UNet's weights);
-    the layers diffusers starts at zero (hint output, zero convs) get small seeded weights so it acts."""
+def _controlnet_from(unet, seed: int):
+    """ControlNetModel made from ``unet`` (as real ControlNets start from their UNet's weights); the layers
+    diffusers starts at zero (hint output, zero convs) get small weights drawn from ``seed`` so it acts."""
     import torch
     from diffusers import ControlNetModel
 
-    unet = _seeded(SEEDS["sd15_unet"], build_sd15_unet)
     # the hint encoder is not in the UNet: its initial weights come from the global generator, so seed it
-    model = _seeded(SEEDS["controlnet_sd15"], lambda: ControlNetModel.from_unet(
+    model = _seeded(seed, lambda: ControlNetModel.from_unet(
         unet, conditioning_embedding_out_channels=TINY_CONTROLNET_HINT_CHANNELS))
-    generator = torch.Generator().manual_seed(SEEDS["controlnet_sd15"])
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.startswith(("controlnet_down_blocks.", "controlnet_mid_block.",
@@ -244,14 +246,28 @@ def build_sd15_controlnet():
     return model.eval()
 
 
-def _write_controlnet(folder: Path, single_file: Path) -> None:
-    """The tiny ControlNet as a diffusers folder and as one file in the original (``control_model.*``) layout."""
+def build_sd15_controlnet():
+    """ControlNetModel made from the tiny SD1.5 UNet, its zero-initialised layers given seeded weights."""
+    return _controlnet_from(_seeded(SEEDS["sd15_unet"], build_sd15_unet), SEEDS["controlnet_sd15"])
+
+
+def build_sdxl_controlnet():
+    """ControlNetModel made from the tiny SDXL UNet (text-time conditioning, depths 0/2/10), its
+    zero-initialised layers given seeded weights."""
+    return _controlnet_from(_seeded(SEEDS["sdxl_unet"], build_sdxl_unet), SEEDS["controlnet_sdxl"])
+
+
+def _write_controlnet(folder: Path, single_file: Path | None = None, build: Callable = build_sd15_controlnet) -> None:
+    """The ControlNet ``build()`` makes, as a diffusers folder and (when ``single_file`` is given) as one
+    file in the original (``control_model.*``) layout."""
     from safetensors.torch import save_file
 
     from .ldm_convert import controlnet_to_ldm
 
-    model = build_sd15_controlnet()
+    model = build()
     model.save_pretrained(str(folder), safe_serialization=True)
+    if single_file is None:
+        return
     state = controlnet_to_ldm(model.state_dict(), model.config, len(model.controlnet_down_blocks))
     save_file({k: v.contiguous() for k, v in state.items()}, str(single_file), metadata={"format": "pt"})
 
@@ -330,6 +346,7 @@ def _build_all(root: Path) -> None:
     for name in ("tiny-sd15", "tiny-sdxl", "tiny-sd15-inpaint"):
         write_ldm_checkpoint(root / TINY_PATHS[name], root / TINY_PATHS[name + ".safetensors"])
     _write_controlnet(root / TINY_PATHS["tiny-controlnet-sd15"], root / TINY_PATHS["tiny-controlnet-sd15.safetensors"])
+    _write_controlnet(root / TINY_PATHS["tiny-controlnet-sdxl"], build=build_sdxl_controlnet)
     _write_clip_vision(root / TINY_PATHS["tiny-vit-h"], root / TINY_PATHS["tiny-vit-h.safetensors"],
                        "vit-h", SEEDS["vit_h"])
     _write_clip_vision(root / TINY_PATHS["tiny-vit-bigG"], root / TINY_PATHS["tiny-vit-bigG.safetensors"],

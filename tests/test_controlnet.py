@@ -1,9 +1,11 @@
-"""ControlNet headless: ControlNetLoader / ControlNetApplyAdvanced on the tiny ControlNet, against diffusers'
-StableDiffusionControlNetPipeline (same weights, same inputs, one step)."""
+"""ControlNet headless: ControlNetLoader / ControlNetApplyAdvanced on the tiny ControlNets, against diffusers'
+StableDiffusionControlNetPipeline and StableDiffusionXLControlNetPipeline (same weights, same inputs, one step)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+from typing import Iterator
 
 import pytest
 import torch
@@ -69,7 +71,7 @@ def test_node_declarations_follow_comfyui():
 
 def test_loader_lists_folders_and_single_files_and_both_hold_the_same_weights(control_net):
     names = ControlNetLoader.INPUT_TYPES()["required"]["control_net_name"][0]
-    assert names == ["tiny-controlnet-sd15", "tiny-controlnet-sd15.safetensors"]
+    assert names == ["tiny-controlnet-sd15", "tiny-controlnet-sd15.safetensors", "tiny-controlnet-sdxl"]
     single = ControlNetLoader().load_controlnet("tiny-controlnet-sd15.safetensors")[0]
     assert single.family == control_net.family == "sd15"
     a, b = control_net.model.state_dict(), single.model.state_dict()
@@ -192,3 +194,106 @@ def test_controlnet_works_with_an_ip_adapter_which_patches_only_the_main_unet(mo
     assert torch.equal(_sample(ip_model, *_apply(control_net, 0.0)), ip_only)
     assert float((both - ip_only).abs().max()) > 1e-2
     assert float((both - _sample(model, *_apply(control_net, 1.0))).abs().max()) > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ SDXL
+# SDXL conditioning with size options that differ from the latent's, so wrong time ids would show.
+SDXL_SIZES = ({"width": 96, "height": 80, "crop_w": 8, "crop_h": 4, "target_width": 64, "target_height": 72},
+              {"width": 128, "height": 64, "crop_w": 0, "crop_h": 16, "target_width": 64, "target_height": 64})
+
+
+@pytest.fixture(scope="module")
+def sdxl_model():
+    return load_checkpoint("tiny-sdxl")[0]
+
+
+@pytest.fixture(scope="module")
+def sdxl_control_net():
+    return ControlNetLoader().load_controlnet("tiny-controlnet-sdxl")[0]
+
+
+def _sdxl_cond(seed: int, sizes: dict) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    cond, pooled = torch.randn(1, 77, 64, generator=generator), torch.randn(1, 32, generator=generator)
+    return [[cond, {"pooled_output": pooled, **sizes}]]
+
+
+def _sdxl_apply(control_net, strength: float) -> tuple[list, list]:
+    return ControlNetApplyAdvanced().apply_controlnet(_sdxl_cond(1, SDXL_SIZES[0]), _sdxl_cond(2, SDXL_SIZES[1]),
+                                                      control_net, _hint(), strength, 0.0, 1.0)
+
+
+def _with_link(conditioning: list, link: controlnet.ControlHint) -> list:
+    return [[c, {**o, "control": link}] for c, o in conditioning]
+
+
+def test_sdxl_controlnet_loads_and_is_recognised_as_sdxl(sdxl_model, sdxl_control_net):
+    assert sdxl_control_net.family == "sdxl"
+    config = sdxl_control_net.model.config
+    assert config.addition_embed_type == "text_time" and config.cross_attention_dim == 64
+    # it was made from the tiny SDXL UNet: same stem weights
+    unet = sdxl_model.unet
+    assert torch.equal(sdxl_control_net.model.conv_in.weight, unet.conv_in.weight)
+    assert torch.equal(sdxl_control_net.model.add_embedding.linear_1.weight, unet.add_embedding.linear_1.weight)
+
+
+def test_sdxl_controlnet_on_an_sd15_model_is_refused_naming_both_families(model, sdxl_control_net):
+    positive, negative = _apply(sdxl_control_net, 1.0)
+    with pytest.raises(ValueError, match="'tiny-controlnet-sdxl' .*made for sdxl but the model is sd15; "
+                                         "load a ControlNet made for sd15"):
+        _sample(model, positive, negative)
+
+
+def test_sdxl_strength_zero_equals_no_controlnet_exactly(sdxl_model, sdxl_control_net):
+    positive, negative = _sdxl_cond(1, SDXL_SIZES[0]), _sdxl_cond(2, SDXL_SIZES[1])
+    plain = _sample(sdxl_model, positive, negative)
+    link = controlnet.ControlHint(sdxl_control_net, _hint(), 0.0)
+    assert torch.equal(_sample(sdxl_model, _with_link(positive, link), _with_link(negative, link)), plain)
+
+
+def test_sdxl_strength_one_changes_the_result(sdxl_model, sdxl_control_net):
+    plain = _sample(sdxl_model, _sdxl_cond(1, SDXL_SIZES[0]), _sdxl_cond(2, SDXL_SIZES[1]))
+    assert float((_sample(sdxl_model, *_sdxl_apply(sdxl_control_net, 1.0)) - plain).abs().max()) > 1e-2
+
+
+@contextlib.contextmanager
+def _recording_added_cond_kwargs(module) -> Iterator[list]:
+    """The ``added_cond_kwargs`` of every call of ``module`` while inside."""
+    calls: list = []
+    hook = module.register_forward_pre_hook(
+        lambda _module, _args, kwargs: calls.append(kwargs.get("added_cond_kwargs")), with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
+def test_sdxl_strength_one_equals_diffusers_sdxl_controlnet_pipeline(sdxl_model, sdxl_control_net, tiny_models_dir):
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    with _recording_added_cond_kwargs(sdxl_control_net.model) as ours_seen:
+        ours = _sample(sdxl_model, *_sdxl_apply(sdxl_control_net, 1.0))
+
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        str(tiny_models_dir / "checkpoints/tiny-sdxl"), controlnet=sdxl_control_net.model)
+    train = sigma_schedules.TrainingSigmas.from_scheduler_config(sdxl_model.scheduler_config)
+    sigmas = sigma_schedules.calculate_sigmas(train, "normal", 1)
+    noise = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=torch.manual_seed(SEED))
+    (cond, pos), (uncond, neg) = _sdxl_cond(1, SDXL_SIZES[0])[0], _sdxl_cond(2, SDXL_SIZES[1])[0]
+    with _recording_added_cond_kwargs(sdxl_control_net.model) as theirs_seen, torch.no_grad():
+        reference = pipe(
+            prompt_embeds=cond, pooled_prompt_embeds=pos["pooled_output"], negative_prompt_embeds=uncond,
+            negative_pooled_prompt_embeds=neg["pooled_output"], image=_hint().movedim(-1, 1), height=SIZE,
+            width=SIZE, sigmas=sigmas.tolist(), guidance_scale=CFG, latents=noise, output_type="latent",
+            original_size=(pos["height"], pos["width"]), crops_coords_top_left=(pos["crop_h"], pos["crop_w"]),
+            target_size=(pos["target_height"], pos["target_width"]),
+            negative_original_size=(neg["height"], neg["width"]),
+            negative_crops_coords_top_left=(neg["crop_h"], neg["crop_w"]),
+            negative_target_size=(neg["target_height"], neg["target_width"])).images
+    # one ControlNet call each, on (uncond, cond) with the pooled embeds and time ids of each side
+    assert len(ours_seen) == len(theirs_seen) == 1
+    (added,), (expected,) = ours_seen, theirs_seen
+    assert added["time_ids"].tolist() == expected["time_ids"].tolist() == [[64, 128, 16, 0, 64, 64],
+                                                                           [80, 96, 4, 8, 72, 64]]
+    assert torch.equal(added["text_embeds"], expected["text_embeds"])
+    assert _close(ours, reference)

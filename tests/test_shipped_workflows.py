@@ -211,8 +211,9 @@ def test_every_adapter_rule_names_a_built_adapter_of_the_matching_variant(tiny_s
 
 
 def test_a_file_without_a_stand_in_is_refused_with_the_node_named(tiny_set):
-    prompt = {"7": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "controlnet-canny-sdxl-1.0.safetensors"}}}
-    with pytest.raises(model_map.ModelMapError, match=r"node 7 \(ControlNetLoader\).*controlnet-canny-sdxl"):
+    prompt = {"7": {"class_type": "CheckpointLoaderSimple",
+                    "inputs": {"ckpt_name": "sd_xl_base_1.0_inpainting.safetensors"}}}
+    with pytest.raises(model_map.ModelMapError, match=r"node 7 \(CheckpointLoaderSimple\).*sd_xl_base_1.0_inpainting"):
         model_map.rename(prompt, tiny_set)
 
 
