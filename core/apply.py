@@ -8,6 +8,7 @@ headless, ComfyUI's ModelPatcher inside ComfyUI).
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -43,9 +44,20 @@ def load_adapter(path: str) -> Any:
 
 
 def load_clip_vision(path: str) -> Any:
-    """The ClipVision of ``path``, a transformers folder or one weights file (cached)."""
+    """The CLIP_VISION of ``path``: inside ComfyUI (a weights file) ComfyUI's own ``ClipVisionModel``, as
+    CLIPVisionLoader gives; elsewhere (or for a transformers folder) our cached ClipVision."""
     from . import encode
+    from .backends import comfy
 
+    comfy_loader = comfy.clip_vision_loader()
+    if comfy_loader is not None and os.path.isfile(path):
+        # ComfyUI's model management then places, casts and offloads it like any CLIPVisionLoader output;
+        # our loader would keep a second, fp32 copy on the CPU that ComfyUI neither sees nor moves to the GPU.
+        model = comfy_loader(path)
+        if model is None:
+            raise ValueError(f"ComfyUI could not read '{path}' as a CLIP vision model; pick a CLIP-ViT-H or "
+                             "CLIP-ViT-bigG file in models/clip_vision")
+        return model
     return encode.load_clip_vision(path)
 
 

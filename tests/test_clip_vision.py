@@ -296,3 +296,34 @@ def test_loader_refuses_names_outside_the_folder(layout):
         nodes.CLIPVisionLoader().load_clip("../checkpoints/tiny-sd15")
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         nodes.CLIPVisionLoader().load_clip("nope.safetensors")
+
+
+# ---- which loader the unified loaders use (core.apply.load_clip_vision) ---------------------------------------
+
+def test_unified_loaders_use_comfyuis_clip_vision_loader_inside_comfyui(clip_dir, monkeypatch):
+    """Inside ComfyUI a CLIP vision *file* is loaded by ``comfy.clip_vision.load`` (the CLIPVisionLoader's
+    model, under ComfyUI's model management) — found in ComfyUI's real server, where the unified loaders
+    kept a second fp32 copy on the CPU.  Folders and runs without ComfyUI keep our loader."""
+    import sys
+    import types
+
+    from ipadapter_nodes.core import apply as engine
+
+    file_path = str(clip_dir / "tiny-vit-h.safetensors")
+    folder_path = str(clip_dir / "tiny-vit-h")
+    ours = engine.load_clip_vision(file_path)
+    assert isinstance(ours, encode.ClipVision)
+
+    calls = []
+    comfy_model = object()
+    fake = types.ModuleType("comfy.clip_vision")
+    fake.load = lambda path: calls.append(path) or comfy_model
+    monkeypatch.setitem(sys.modules, "comfy.clip_vision", fake)
+    assert engine.load_clip_vision(file_path) is comfy_model
+    assert calls == [file_path]
+    assert isinstance(engine.load_clip_vision(folder_path), encode.ClipVision)  # ComfyUI reads files only
+    assert calls == [file_path]
+
+    fake.load = lambda path: None  # what ComfyUI returns for a file without a known vision model
+    with pytest.raises(ValueError, match="tiny-vit-h.safetensors"):
+        engine.load_clip_vision(file_path)

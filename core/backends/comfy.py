@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,16 @@ BLOCK_KEYS: dict[str, tuple[tuple[str, int, int], ...]] = {family: _block_keys(f
 
 
 # ---- the model ----------------------------------------------------------------------------------------
+
+
+def clip_vision_loader() -> Callable[[str], Any] | None:
+    """ComfyUI's CLIP vision file loader (``comfy.clip_vision.load``) when the pack runs inside ComfyUI, else None.
+
+    Looked up in ``sys.modules`` rather than imported: it is there whenever ComfyUI runs, and importing it
+    elsewhere would pull ComfyUI into headless runs.
+    """
+    return getattr(sys.modules.get("comfy.clip_vision"), "load", None)
+
 
 def is_comfy_model(model: Any) -> bool:
     """True for a ComfyUI ModelPatcher (duck-typed: ``clone``, ``model_options``, ``set_model_attn2_replace``)."""
