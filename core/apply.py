@@ -63,7 +63,15 @@ def load_clip_vision(path: str) -> Any:
 
 def load_clip_vision_on_demand(path: str) -> Any:
     """A ClipVision of ``path`` that holds its weights only while encoding (``core.memo.on_demand_clip_vision``):
-    the loaders' ``free_clip_vision`` option; the encoder memo keeps the outputs."""
+    the loaders' ``free_clip_vision`` option; the encoder memo keeps the outputs.
+
+    Inside ComfyUI a weights file is ComfyUI's own model instead: its model management already offloads
+    models it does not need, and the encoder memo still spares the forwards.
+    """
+    from .backends import comfy
+
+    if comfy.clip_vision_loader() is not None and os.path.isfile(path):
+        return load_clip_vision(path)
     return memo.on_demand_clip_vision(path)
 
 

@@ -324,6 +324,10 @@ def test_unified_loaders_use_comfyuis_clip_vision_loader_inside_comfyui(clip_dir
     assert isinstance(engine.load_clip_vision(folder_path), encode.ClipVision)  # ComfyUI reads files only
     assert calls == [file_path]
 
+    # the free_clip_vision option inside ComfyUI: ComfyUI's model management does the freeing
+    assert engine.load_clip_vision_on_demand(file_path) is comfy_model
+    assert calls == [file_path, file_path]
+
     fake.load = lambda path: None  # what ComfyUI returns for a file without a known vision model
     with pytest.raises(ValueError, match="tiny-vit-h.safetensors"):
         engine.load_clip_vision(file_path)
