@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 MODEL_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".sft")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -174,6 +174,30 @@ def get_full_path_or_raise(folder: str, name: str, node: str | None = None) -> s
         prefix = f"{node}: " if node else ""
         raise FileNotFoundError(f"{prefix}'{name}' was not found in the '{folder}' folders: {where}")
     return path
+
+
+def list_models(folder: str, is_model_folder: Callable[[Path, list[str]], bool],
+                extensions: Iterable[str]) -> list[str]:
+    """Names for a model combo: model folders (by their relative path, not their contents) and single files.
+
+    ``is_model_folder(path, file_names)`` says whether a sub-folder is itself a model (a diffusers pipeline,
+    a ControlNet, a motion adapter); its files are then its parts, not separate choices.  Other files count
+    when their name ends with one of ``extensions``.  Hidden folders are skipped.
+    """
+    exts = tuple(e.lower() for e in extensions)
+    names: set[str] = set()
+    for base in get_folder_paths(folder):
+        if not os.path.isdir(base):
+            continue
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            rel_dir = os.path.relpath(dirpath, base).replace(os.sep, "/")
+            if rel_dir != "." and is_model_folder(Path(dirpath), filenames):
+                names.add(rel_dir)
+                dirnames[:] = []
+                continue
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            names.update(f if rel_dir == "." else f"{rel_dir}/{f}" for f in filenames if f.lower().endswith(exts))
+    return sorted(names)
 
 
 def filter_extensions(names: Iterable[str], extensions: Iterable[str]) -> list[str]:

@@ -22,7 +22,6 @@ LoRA patches and the IP-Adapter backend (which skips ``motion_modules`` layers) 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +43,7 @@ def _is_adapter_folder(path: Path) -> bool:
 
 def list_motion_modules() -> list[str]:
     """Names for the motion_module combo: MotionAdapter folders (by folder name) and single files."""
-    names: set[str] = set()
-    for base in folders.get_folder_paths(FOLDER):
-        if not os.path.isdir(base):
-            continue
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-            rel = os.path.relpath(dirpath, base).replace(os.sep, "/")
-            if rel != "." and _is_adapter_folder(Path(dirpath)):
-                names.add(rel)
-                dirnames[:] = []
-                continue
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            names.update(f if rel == "." else f"{rel}/{f}" for f in filenames
-                         if f.lower().endswith(SINGLE_FILE_EXTENSIONS))
-    return sorted(names)
+    return folders.list_models(FOLDER, lambda path, files: _is_adapter_folder(path), SINGLE_FILE_EXTENSIONS)
 
 
 def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -107,16 +107,26 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-# --- commands -----------------------------------------------------------------------------------------
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .executor import ExecutionInterrupted, Executor, NodeExecutionError, PromptError
-
+def _load_valid(args: argparse.Namespace) -> tuple | None:
+    """Folders set up, the workflow loaded (and model-mapped) and strictly validated:
+    (node classes, loaded workflow, coerced prompt, output ids), or None after printing the errors."""
     _configure(args)
     node_classes = _node_classes()
     loaded, prompt = _load_mapped(args, node_classes)
     prompt, outputs = _validated(prompt, node_classes, loaded.ui_titles, strict=True)
     if prompt is None:
+        return None
+    return node_classes, loaded, prompt, outputs
+
+
+# --- commands -----------------------------------------------------------------------------------------
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .executor import ExecutionInterrupted, Executor, NodeExecutionError, PromptError
+
+    valid = _load_valid(args)
+    if valid is None:
         return EXIT_INVALID
+    node_classes, loaded, prompt, outputs = valid
     extra_pnginfo = loaded.extra_pnginfo or None
     executor = Executor(node_classes)
     try:
@@ -146,12 +156,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    _configure(args)
-    node_classes = _node_classes()
-    loaded, prompt = _load_mapped(args, node_classes)
-    prompt, outputs = _validated(prompt, node_classes, loaded.ui_titles, strict=True)
-    if prompt is None:
+    valid = _load_valid(args)
+    if valid is None:
         return EXIT_INVALID
+    _, _, prompt, outputs = valid
     print(f"valid: {len(prompt)} node(s), output node(s) {', '.join(map(str, outputs or [])) or 'none'}")
     return EXIT_OK
 

@@ -72,20 +72,7 @@ def family_from_config(config: Any) -> str:
 
 def list_controlnets() -> list[str]:
     """Names for the control_net_name combo: diffusers ControlNet folders (by folder name) and single files."""
-    names: set[str] = set()
-    for base in folders.get_folder_paths(FOLDER):
-        if not os.path.isdir(base):
-            continue
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-            rel_dir = os.path.relpath(dirpath, base).replace(os.sep, "/")
-            if CONFIG_NAME in filenames and rel_dir != ".":
-                names.add(rel_dir)
-                dirnames[:] = []  # the folder's weight files are the model, not separate choices
-                continue
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            names.update(f if rel_dir == "." else f"{rel_dir}/{f}" for f in filenames
-                         if f.lower().endswith(SINGLE_FILE_EXTENSIONS))
-    return sorted(names)
+    return folders.list_models(FOLDER, lambda path, files: CONFIG_NAME in files, SINGLE_FILE_EXTENSIONS)
 
 
 def _load_folder(path: Path, name: str):

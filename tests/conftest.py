@@ -61,3 +61,16 @@ def dirs(tmp_path):
     folders.configure(layout)
     yield layout
     folders._provider = saved
+
+
+@pytest.fixture(scope="module")
+def unets():
+    """Seeded tiny SD1.5- and SDXL-topology UNets built in memory (no files): {"sd15": ..., "sdxl": ...}."""
+    from ipadapter_nodes.runtime import tiny
+
+    def seeded(seed, build):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build().eval()
+
+    return {"sd15": seeded(1, tiny.build_sd15_unet), "sdxl": seeded(2, tiny.build_sdxl_unet)}

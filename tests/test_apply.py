@@ -34,16 +34,6 @@ WIDTH = {"sd15": tiny.TINY_CLIP_VISION["vit-h"]["projection_dim"],
 
 
 @pytest.fixture(scope="module")
-def unets():
-    def seeded(seed, build):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return build().eval()
-
-    return {"sd15": seeded(1, tiny.build_sd15_unet), "sdxl": seeded(2, tiny.build_sdxl_unet)}
-
-
-@pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     folder = tmp_path_factory.mktemp("apply")
     names = ("sd15", "sdxl", "sd15-plus", "faceid-sd15")

@@ -26,15 +26,6 @@ TOLERANCE = 1e-5
 PROMPT = "a red cube on a table"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are far faster on one thread than on two contended ones; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_models_dir) -> dict:
     folder = tmp_path_factory.mktemp("ipadapter")

@@ -65,16 +65,6 @@ def expand(sites):
 # ---- fixtures -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def unets():
-    def seeded(seed, build):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return build().eval()
-
-    return {"sd15": seeded(1, tiny.build_sd15_unet), "sdxl": seeded(2, tiny.build_sdxl_unet)}
-
-
-@pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     folder = tmp_path_factory.mktemp("comfy-adapters")
     return {name: load_adapter(make_adapter(name, folder / f"{name}.safetensors", seed=seed))

@@ -32,21 +32,7 @@ _CACHE: dict[tuple[str, float], tuple[DiffusersModel, TextEncoderHandle, VAEHand
 
 def list_checkpoints() -> list[str]:
     """Names for the ckpt_name combo: diffusers folders (not their contents) and single checkpoint files."""
-    names: set[str] = set()
-    for base in folders.get_folder_paths("checkpoints"):
-        if not os.path.isdir(base):
-            continue
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-            rel_dir = os.path.relpath(dirpath, base).replace(os.sep, "/")
-            if PIPELINE_MARKER in filenames and rel_dir != ".":
-                names.add(rel_dir)
-                dirnames[:] = []  # a pipeline's sub-folders are its components, not checkpoints
-                continue
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in filenames:
-                if f.lower().endswith(SINGLE_FILE_EXTENSIONS):
-                    names.add(f if rel_dir == "." else f"{rel_dir}/{f}")
-    return sorted(names)
+    return folders.list_models("checkpoints", lambda path, files: PIPELINE_MARKER in files, SINGLE_FILE_EXTENSIONS)
 
 
 def family_from_unet_config(config: Any) -> str:
