@@ -12,7 +12,6 @@ The ControlNet's own attention layers are never patched: IP-Adapters only act on
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from ..core import folders
 from ..core.backends.diffusers import NoiseSchedule
 from .conditioning import resize_center
+from .models import hub_hint
 
 FOLDER = "controlnet"
 CONFIG_NAME = "config.json"
@@ -95,9 +95,7 @@ def _load_single_file(path: Path, name: str):
     try:
         return ControlNetModel.from_single_file(str(path), **kwargs)
     except (OSError, ValueError) as err:  # without a local config diffusers fetches one from the Hub
-        offline = any(os.environ.get(v) == "1" for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-        hint = ("this process is offline (HF_HUB_OFFLINE=1)" if offline
-                else "diffusers could not fetch it from the Hugging Face Hub")
+        hint = hub_hint("it")
         raise RuntimeError(
             f"ControlNetLoader: could not load the single-file ControlNet '{name}': diffusers needs the "
             f"ControlNet's configuration and {hint}. Connect once so diffusers can cache it, or put a diffusers "

@@ -155,3 +155,10 @@ def configure_folders(
     )
     folders.configure(layout)
     return layout
+
+
+def hub_hint(what: str) -> str:
+    """Why diffusers could not get a single file's configuration: offline, or the Hub did not answer."""
+    if any(os.environ.get(v) == "1" for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return "this process is offline (HF_HUB_OFFLINE=1)"
+    return f"diffusers could not fetch {what} from the Hugging Face Hub"

@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny model set is built once per test session into a cached folder."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -74,3 +75,18 @@ def unets():
             return build().eval()
 
     return {"sd15": seeded(1, tiny.build_sd15_unet), "sdxl": seeded(2, tiny.build_sdxl_unet)}
+
+
+@contextlib.contextmanager
+def installed_folders(root: Path, *models_dirs: Path):
+    """Install a folder layout with ``models_dirs`` and ``root``/input, output, temp; restore the previous one."""
+    from ipadapter_nodes.core import folders
+
+    previous = folders.provider()
+    folders.configure(folders.FolderLayout(models_dirs=[str(d) for d in models_dirs],
+                                           input_dir=str(root / "input"), output_dir=str(root / "output"),
+                                           temp_dir=str(root / "temp")))
+    try:
+        yield
+    finally:
+        folders.configure(previous)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import installed_folders
 import torch
 from PIL import Image
 from transformers import CLIPVisionModelWithProjection
@@ -47,12 +48,8 @@ def layout(tiny_models_dir, tiny_faces_dir, tmp_path_factory):
     Image.fromarray(pixels).save(root / "input" / "reference.png")
     face = (face_image(128, seed=3)[0].numpy() * 255).round().astype(np.uint8)
     Image.fromarray(face).save(root / "input" / "face.png")
-    previous = folders.provider()
-    folders.configure(folders.FolderLayout(models_dirs=[str(models), str(tiny_models_dir)],
-                                           input_dir=str(root / "input"), output_dir=str(root / "output"),
-                                           temp_dir=str(root / "temp")))
-    yield root
-    folders.configure(previous)
+    with installed_folders(root, models, tiny_models_dir):
+        yield root
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import installed_folders
 import torch
 from PIL import Image
 
@@ -74,12 +75,8 @@ def layout(tiny_models_dir, tiny_faces_dir, tmp_path_factory):
     _save_png(face_image(128, seed=1), root / "input" / "face.png")
     _save_png(face_image(128, seed=2), root / "input" / "face2.png")
     _save_png(blank_image(128), root / "input" / "blank.png")
-    previous = folders.provider()
-    folders.configure(folders.FolderLayout(models_dirs=[str(models), str(tiny_models_dir)],
-                                           input_dir=str(root / "input"), output_dir=str(root / "output"),
-                                           temp_dir=str(root / "temp")))
-    yield root
-    folders.configure(previous)
+    with installed_folders(root, models, tiny_models_dir):
+        yield root
 
 
 def _prompt(case: str | None, image: str = "face.png", on_no_face: str | None = None) -> dict:

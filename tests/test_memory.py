@@ -12,6 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import installed_folders
 import torch
 from PIL import Image
 
@@ -36,12 +37,8 @@ def layout(tiny_models_dir, tmp_path_factory):
     pixels = np.random.default_rng(6).integers(0, 256, size=(64, 80, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(root / "input" / "reference.png")
     Image.fromarray(255 - pixels).save(root / "input" / "other.png")
-    previous = folders.provider()
-    folders.configure(folders.FolderLayout(models_dirs=[str(models), str(tiny_models_dir)],
-                                           input_dir=str(root / "input"), output_dir=str(root / "output"),
-                                           temp_dir=str(root / "temp")))
-    yield root
-    folders.configure(previous)
+    with installed_folders(root, models, tiny_models_dir):
+        yield root
 
 
 def storages(obj, found: dict | None = None, seen: set | None = None) -> dict[int, int]:

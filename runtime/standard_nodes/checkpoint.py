@@ -9,7 +9,6 @@ Each checkpoint is loaded once per process (cached by path and modification time
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from ...core.checkpoint import check_safetensors_file, load_torch_weights
 from ...core import folders
 from ...core.backends.diffusers import DiffusersModel
 from ..handles import TextEncoderHandle, VAEHandle
+from ..models import hub_hint
 
 SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt", ".sft")
 PIPELINE_MARKER = "model_index.json"
@@ -131,9 +131,7 @@ def _load_single_file(path: Path, name: str) -> tuple[DiffusersModel, TextEncode
     try:
         pipe = pipeline_class.from_single_file(str(path), **kwargs)
     except (OSError, ValueError) as err:  # the configs of real models come from the Hugging Face Hub
-        offline = any(os.environ.get(v) == "1" for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-        hint = ("this process is offline (HF_HUB_OFFLINE=1)" if offline
-                else "diffusers could not fetch them from the Hugging Face Hub")
+        hint = hub_hint("them")
         raise RuntimeError(
             f"CheckpointLoaderSimple: could not load the single-file {family} checkpoint '{name}': diffusers "
             f"needs the model's configuration files and {hint}. Either connect once so diffusers can cache "
